@@ -1,0 +1,36 @@
+"""The one place where the compute device and default dtype are resolved."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_DTYPE = torch.float32
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """Return the torch device for ``name`` ('cpu', 'cuda', 'cuda:N' or 'auto').
+
+    ``None`` reads ``HETPLUGIN_DEVICE`` (default 'auto'). 'auto' takes CUDA when
+    it is available, else the CPU. Asking for CUDA where there is none raises a
+    ValueError that says so, rather than failing later inside a kernel.
+    """
+    if name is None:
+        name = os.environ.get("HETPLUGIN_DEVICE", "auto")
+    name = name.strip().lower()
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device '{name}' was asked for but torch sees no CUDA device; "
+            "use --device cpu (or HETPLUGIN_DEVICE=cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from exc
+
+
+def set_threads(n_threads: int | None) -> None:
+    """Limit torch's intra-op CPU threads (the protocol's numberOfThreads)."""
+    if n_threads is not None and n_threads > 0:
+        torch.set_num_threads(int(n_threads))

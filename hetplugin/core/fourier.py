@@ -1,0 +1,141 @@
+"""Centred Fourier transforms, padding and cropping, radial shells and filters.
+
+Real-space arrays are (z, y, x) or (y, x) with the origin at index D // 2 on each
+axis (RELION's convention). Frequencies are in cycles per box ("index units"):
+an image frequency k corresponds to k / (D * pixel_size_A) 1/A.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def fftn_centered(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Complex transform of ``x`` over ``dims`` with both origins at the array centre."""
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
+
+
+def ifftn_centered(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`fftn_centered` (complex result)."""
+    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
+
+
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """Real images (..., D, D) -> half-plane transforms (..., D, D//2+1), ky centred at row D//2, kx = column."""
+    return torch.fft.fftshift(torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))), dim=-2)
+
+
+def irfft2_centered(images_ft: torch.Tensor, box: int) -> torch.Tensor:
+    """Inverse of :func:`rfft2_centered` for a box of ``box`` pixels."""
+    x = torch.fft.irfft2(torch.fft.ifftshift(images_ft, dim=-2), s=(box, box))
+    return torch.fft.fftshift(x, dim=(-2, -1))
+
+
+def half_plane_coords(box: int) -> np.ndarray:
+    """(ky, kx) index frequencies of the :func:`rfft2_centered` layout, shape (D, D//2+1, 2) as (kx, ky)."""
+    ky = np.arange(box) - box // 2
+    kx = np.arange(box // 2 + 1)
+    gx, gy = np.meshgrid(kx, ky)
+    return np.stack([gx, gy], axis=-1).astype(np.float64)
+
+
+def half_plane_hermitian_weights(box: int) -> np.ndarray:
+    """Weights (D, D//2+1) so that a sum over the half plane equals the sum over the full plane.
+
+    Columns kx = 0 and (for even D) kx = D/2 hold each frequency once (their
+    conjugates are in the same column); every other column stands for two.
+    """
+    w = np.full((box, box // 2 + 1), 2.0)
+    w[:, 0] = 1.0
+    if box % 2 == 0:
+        w[:, -1] = 1.0
+    return w
+
+
+def pad_volume(volume: torch.Tensor, padded_box: int) -> torch.Tensor:
+    """Zero-pad a cube (D, D, D) to (P, P, P), keeping the centre at index P // 2."""
+    box = volume.shape[-1]
+    start = padded_box // 2 - box // 2
+    out = volume.new_zeros(volume.shape[:-3] + (padded_box,) * 3)
+    out[..., start:start + box, start:start + box, start:start + box] = volume
+    return out
+
+
+def crop_volume(volume: torch.Tensor, box: int) -> torch.Tensor:
+    """Central (D, D, D) cube of a (P, P, P) volume (inverse of :func:`pad_volume`)."""
+    padded = volume.shape[-1]
+    start = padded // 2 - box // 2
+    return volume[..., start:start + box, start:start + box, start:start + box]
+
+
+def crop_ft_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Central (size, size, size) part of a centred transform grid (low frequencies), a view."""
+    return crop_volume(grid, size)
+
+
+def pad_ft_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad a centred transform grid to (size, size, size), keeping the zero frequency at size // 2."""
+    return grid if grid.shape[-1] == size else pad_volume(grid, size)
+
+
+def crop_images(images: torch.Tensor, box: int) -> torch.Tensor:
+    """Central (box, box) window of (..., D, D) real images."""
+    d = images.shape[-1]
+    start = d // 2 - box // 2
+    return images[..., start:start + box, start:start + box]
+
+
+def radial_index(shape: tuple[int, ...]) -> np.ndarray:
+    """Integer radius (rounded) from the centre of a centred array of ``shape`` (2D or 3D, full grid)."""
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
+    return np.rint(np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))).astype(np.int64)
+
+
+def radius(shape: tuple[int, ...]) -> np.ndarray:
+    """Euclidean radius in pixels from the centre (index D // 2) of an array of ``shape``."""
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
+    return np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+
+
+def shell_average(values: np.ndarray, shells: np.ndarray, n_shells: int, weights=None) -> np.ndarray:
+    """Mean of ``values`` in each integer shell 0..n_shells-1 (0 where a shell is empty)."""
+    shells = shells.ravel()
+    keep = shells < n_shells
+    w = np.ones(shells.shape) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    num = np.bincount(shells[keep], weights=(np.asarray(values, dtype=np.float64).ravel() * w)[keep],
+                      minlength=n_shells)
+    den = np.bincount(shells[keep], weights=w[keep], minlength=n_shells)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
+
+
+def lowpass_volume(volume: torch.Tensor, resolution_A: float, pixel_size_A: float,
+                   edge_width_shells: float = 2.0) -> torch.Tensor:
+    """Low-pass a real cube to ``resolution_A`` with a raised-cosine edge of ``edge_width_shells``."""
+    box = volume.shape[-1]
+    if resolution_A <= 2 * pixel_size_A:
+        return volume.clone()
+    k_cut = box * pixel_size_A / resolution_A
+    r = torch.as_tensor(radius((box,) * 3), dtype=volume.dtype, device=volume.device)
+    filt = raised_cosine(r, k_cut, edge_width_shells)
+    ft = fftn_centered(volume, (-3, -2, -1)) * filt
+    return ifftn_centered(ft, (-3, -2, -1)).real.to(volume.dtype)
+
+
+def raised_cosine(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
+    """1 below ``cutoff - width/2``, 0 above ``cutoff + width/2``, a cosine in between."""
+    lo = cutoff - width / 2.0
+    t = torch.clamp((r - lo) / max(width, 1e-6), 0.0, 1.0)
+    return 0.5 * (1.0 + torch.cos(math.pi * t))
+
+
+def shift_phase(kx: torch.Tensor, ky: torch.Tensor, shift_x_px: torch.Tensor, shift_y_px: torch.Tensor,
+                box: int) -> torch.Tensor:
+    """Phase factors (n, M) that translate images by (+shift_x, +shift_y) pixels.
+
+    kx, ky: (M,) index frequencies; shifts: (n,) pixels. Multiplying a centred
+    transform by exp(-2 pi i k.s / D) moves the image content by +s.
+    """
+    arg = -2.0 * math.pi / box * (shift_x_px[:, None] * kx[None, :] + shift_y_px[:, None] * ky[None, :])
+    return torch.polar(torch.ones_like(arg), arg)

@@ -1,0 +1,406 @@
+"""Multiclass refinement (3D classification): expectation-maximisation over class x pose x shift.
+
+Maximises sum_i log sum_j pi_j int p(X_i | phi, V_j) p(phi) dphi + sum_j log p(V_j):
+
+* E-step (per batch of images, read once per iteration): a coarse global search
+  (all rotations of a uniform grid at twice the fine step, shifts on a grid, on
+  frequencies up to a coarse limit) keeps the best few poses of every class; each
+  is refined on a fine local grid (rotations and shifts) at the current
+  resolution, and the posterior over class x pose x shift is formed over the fine
+  candidates. Later iterations (or particles with a prior alignment) search
+  locally around the current pose with a Gaussian angular prior. Scores are GEMMs
+  (see :mod:`hetplugin.core.search`).
+* M-step: posterior-weighted, CTF-weighted backprojection of every significant
+  (class, pose, shift) into per-class half-set accumulators; per-class half-set
+  FSC gives the spectral SNR, hence a Wiener (smoothness) prior with fudge T and
+  a resolution estimate per class; class priors pi_j from the posteriors; the
+  noise spectrum from the residuals at the best poses.
+* Frequency marching: each iteration works on frequencies up to the current
+  resolution (best class FSC 0.143 plus a margin) in a Fourier-cropped grid.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .dataset import ParticleDataset
+from .fourier import crop_ft_grid, half_plane_coords, lowpass_volume, shift_phase
+from .fsc import fsc, fsc_to_snr, resolution_at
+from .masks import spherical_mask
+from .poses import global_grid, local_grid, shift_grid
+from .projection import frequency_mask, prepare_volume, project_ft
+from .reconstruct import Backprojector
+from .rotations import angular_distance_deg
+from .search import TopK, as_real, quadratic_weights, scores_per_image, scores_shared, weighted_images
+from .symmetry import symmetry_group
+
+
+@dataclass
+class MulticlassOptions:
+    """Settings of a multiclass refinement (units in the names; see the CLI for help texts)."""
+    n_classes: int = 2
+    iterations: int = 20
+    initial_lowpass_A: float = 30.0
+    tau2_fudge: float = 4.0
+    angular_step_deg: float = 7.5
+    offset_range_A: float | None = None
+    offset_step_A: float | None = None
+    local_search_deg: float = 0.0
+    global_iterations: int = 4
+    symmetry: str = "C1"
+    particle_diameter_A: float | None = None
+    resolution_limit_A: float | None = None
+    min_class_size: int = 20
+    top_poses: int = 4
+    seed: int = 0
+    batch_size: int = 64
+    max_significant: int = 32
+    stop_change_fraction: float = 0.002
+
+    def check(self, n_particles: int) -> None:
+        if self.n_classes < 1:
+            raise ValueError("the number of classes must be at least 1")
+        if self.n_classes * self.min_class_size > n_particles:
+            raise ValueError(f"{self.n_classes} classes x minimum class size {self.min_class_size} = "
+                             f"{self.n_classes * self.min_class_size} exceeds the {n_particles} particles; "
+                             "ask for fewer classes or a smaller minimum class size")
+        if self.angular_step_deg <= 0 or self.iterations < 1:
+            raise ValueError("angular step and iterations must be positive")
+
+
+@dataclass
+class MulticlassState:
+    """Everything needed to continue a run after an iteration (saved to disk between iterations)."""
+    iteration: int
+    maps: np.ndarray              # (K, D, D, D) float32 references for the next E-step
+    class_prior: np.ndarray       # (K,)
+    sigma2: np.ndarray            # (D//2+1,) noise power per shell, E|N_k|^2
+    r_current: float              # E-step frequency limit (index units)
+    rotations: np.ndarray         # (N, 3, 3) best pose
+    origins_px: np.ndarray        # (N, 2) RELION origins of the best pose
+    classes: np.ndarray           # (N,) 0-based best class (-1 before the first iteration)
+    posteriors: np.ndarray        # (N, K) class posteriors
+    max_prob: np.ndarray          # (N,) largest posterior over class x pose x shift
+    loglik: np.ndarray            # (N,) log-likelihood contribution
+    n_significant: np.ndarray     # (N,) number of (class, pose, shift) kept for the M-step
+    resolution_A: np.ndarray      # (K,) FSC 0.143 per class
+    fsc_curves: np.ndarray        # (K, D//2+1)
+    history: list = field(default_factory=list)
+
+
+class MulticlassRefiner:
+    """Runs iterations of multiclass refinement on a :class:`ParticleDataset`."""
+
+    def __init__(self, dataset: ParticleDataset, options: MulticlassOptions, mask: np.ndarray | None = None,
+                 log=print):
+        options.check(len(dataset))
+        self.ds, self.opt, self.log = dataset, options, log
+        self.box, self.px = dataset.box, dataset.pixel_size_A
+        self.device, self.dtype = dataset.device, dataset.dtype
+        self.sym = symmetry_group(options.symmetry)
+        diameter_A = options.particle_diameter_A or 0.8 * self.box * self.px
+        self.radius_px = min(diameter_A / 2 / self.px, self.box / 2 - 2)
+        self.solvent = spherical_mask(self.box, self.radius_px, edge_px=3) if mask is None else mask.astype(np.float32)
+        self.fsc_mask = spherical_mask(self.box, self.radius_px + 2, edge_px=3)
+        off_range = options.offset_range_A if options.offset_range_A is not None else 0.1 * self.box * self.px
+        off_step = options.offset_step_A if options.offset_step_A is not None else self.px
+        self.shift_step_px = max(off_step / self.px, 0.25)
+        self.shift_range_px = off_range / self.px
+        self.coarse_step_deg = 2.0 * options.angular_step_deg
+        self.coarse_grid = global_grid(self.coarse_step_deg, self.sym)
+        self.fine_rot = local_grid(options.angular_step_deg, options.angular_step_deg * math.sqrt(3) + 1e-6)
+        half = 0.5 * self.shift_step_px
+        self.fine_shift = shift_grid(half * math.sqrt(2) + 1e-6, half)
+        self.halves = np.where(np.random.default_rng(options.seed).permutation(len(dataset)) % 2 == 0, 1, 2)
+        self.r_limit = self.box / 2 - 1
+        if options.resolution_limit_A:
+            self.r_limit = min(self.r_limit, self.box * self.px / options.resolution_limit_A)
+
+    # ------------------------------------------------------------------ set-up
+    def initial_state(self, references: np.ndarray) -> MulticlassState:
+        """State before iteration 1 from one reference (K copies) or K references (K, D, D, D)."""
+        k, n = self.opt.n_classes, len(self.ds)
+        refs = np.asarray(references, dtype=np.float32)
+        if refs.ndim == 3:
+            refs = refs[None]
+        if refs.shape[0] not in (1, k) or refs.shape[1:] != (self.box,) * 3:
+            raise ValueError(f"references must be one map or {k} maps of {self.box}^3, got {refs.shape}")
+        maps = []
+        for j in range(k):
+            ref = torch.as_tensor(refs[j % refs.shape[0]])
+            maps.append(lowpass_volume(ref, self.opt.initial_lowpass_A, self.px).numpy() * self.solvent)
+        r0 = min(self.box * self.px / self.opt.initial_lowpass_A, self.r_limit)
+        rot = self.ds.rotations() if self.ds.has_alignment else np.tile(np.eye(3), (n, 1, 1))
+        return MulticlassState(
+            iteration=0, maps=np.stack(maps), class_prior=np.full(k, 1.0 / k), sigma2=self.initial_sigma2(),
+            r_current=float(r0), rotations=rot, origins_px=self.ds.origins_px().copy(),
+            classes=np.full(n, -1), posteriors=np.full((n, k), 1.0 / k), max_prob=np.zeros(n), loglik=np.zeros(n),
+            n_significant=np.zeros(n, dtype=np.int64), resolution_A=np.full(k, np.inf),
+            fsc_curves=np.zeros((k, self.box // 2 + 1)), history=[])
+
+    def initial_sigma2(self, max_images: int = 1000) -> np.ndarray:
+        """Noise power per shell from the images' power spectrum (at low SNR the images are mostly noise)."""
+        rows = np.random.default_rng(self.opt.seed).permutation(len(self.ds))[:max_images]
+        sel, k = self.ds.coords()
+        shells = torch.as_tensor(np.rint(np.hypot(k[:, 0].cpu().numpy(), k[:, 1].cpu().numpy())).astype(np.int64))
+        n_shells = self.box // 2 + 1
+        num = torch.zeros(n_shells, dtype=torch.float64)
+        den = torch.zeros(n_shells, dtype=torch.float64)
+        for batch in self.ds.batches(256, np.sort(rows)):
+            power = (self.ds.images_ft(batch, sel, k, centre=False).abs() ** 2).to(torch.float64).cpu()
+            num.index_add_(0, shells, power.sum(0))
+            den.index_add_(0, shells, torch.full((len(k),), float(len(batch)), dtype=torch.float64))
+        s2 = (num / den.clamp(min=1)).numpy()
+        s2[den.numpy() == 0] = s2[den.numpy() > 0][-1]
+        return s2
+
+    # ------------------------------------------------------------------ one iteration
+    def iterate(self, state: MulticlassState) -> MulticlassState:
+        """Run one E/M iteration from ``state``; returns the new state."""
+        t0 = time.time()
+        opt, it = self.opt, state.iteration + 1
+        k_cls, n = opt.n_classes, len(self.ds)
+        r_cur = float(min(state.r_current, self.r_limit))
+        grid_box = int(min(self.box, 2 * math.ceil(r_cur + 2)))
+        grid_box += grid_box % 2
+        sel_np = frequency_mask(self.box, r_cur)
+        coords_np = half_plane_coords(self.box)[sel_np]
+        radius_np = np.hypot(coords_np[:, 0], coords_np[:, 1])
+        order = np.argsort(radius_np, kind="stable")
+        coords = torch.as_tensor(coords_np[order], dtype=self.dtype, device=self.device)
+        shells = torch.as_tensor(np.rint(radius_np[order]).astype(np.int64), device=self.device)
+        sel = torch.as_tensor(sel_np, device=self.device)
+        order_t = torch.as_tensor(order, device=self.device)
+        herm = torch.where(coords[:, 0] == 0, 1.0, 2.0).to(self.dtype)
+        sigma2 = torch.as_tensor(state.sigma2, dtype=self.dtype, device=self.device)[shells]
+        weight = herm / sigma2
+        first_from_one_ref = it == 1 and state.classes.min() < 0
+        profile = it == 1
+        use_prior_pose = opt.local_search_deg > 0 and self.ds.has_alignment
+        global_search = not use_prior_pose and it <= opt.global_iterations
+        r_coarse = min(r_cur, self.box * self.px / (2 * math.radians(self.coarse_step_deg) * self.radius_px * self.px))
+        m_coarse = int(np.searchsorted(radius_np[order], r_coarse, side="right"))
+        pad = 2
+        vol_ft = [crop_ft_grid(prepare_volume(torch.as_tensor(state.maps[j], dtype=self.dtype, device=self.device),
+                                              pad), pad * grid_box) for j in range(k_cls)]
+        proj_c = None
+        if global_search:
+            rot_c = torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)
+            proj_c = []
+            for j in range(k_cls):
+                p = project_ft(vol_ft[j], rot_c, coords[:m_coarse], pad)
+                proj_c.append((as_real(p), p.abs() ** 2))
+        rng = np.random.default_rng([opt.seed, it])
+        forced = rng.integers(0, k_cls, n) if first_from_one_ref else None
+        bps = [[Backprojector(self.box, pad, self.device, self.dtype, r_cur, grid_box) for _ in (1, 2)]
+               for _ in range(k_cls)]
+        new = dict(rot=state.rotations.copy(), org=state.origins_px.copy(), cls=np.zeros(n, np.int64),
+                   post=np.zeros((n, k_cls)), maxp=np.zeros(n), ll=np.zeros(n), nsig=np.zeros(n, np.int64))
+        n_shells = self.box // 2 + 1
+        s2_num = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
+        s2_den = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
+        log_prior = torch.as_tensor(np.log(np.maximum(state.class_prior, 1e-10)), dtype=self.dtype, device=self.device)
+        for rows in self.ds.batches(opt.batch_size):
+            x = self.ds.images_ft(rows, sel, coords, centre=False)[:, order_t]
+            ctf = self.ds.ctf(rows, coords)
+            b = len(rows)
+            q = quadratic_weights(ctf, weight, b)
+            if global_search:
+                centres_rot, centres_org = self._coarse_search(x, ctf, weight, q, state, rows, coords, m_coarse,
+                                                               proj_c, profile)
+                ang_prior = None
+            else:
+                centres_rot = torch.as_tensor(state.rotations[rows], dtype=self.dtype, device=self.device)[:, None, None]
+                centres_rot = centres_rot.expand(b, k_cls, 1, 3, 3)
+                centres_org = torch.as_tensor(state.origins_px[rows], dtype=self.dtype, device=self.device)
+                centres_org = centres_org[:, None, None].expand(b, k_cls, 1, 2)
+                ang_prior = True
+            res = self._fine_search(x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile,
+                                    ang_prior, log_prior, forced[rows] if forced is not None else None)
+            self._accumulate(res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den)
+        return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0)
+
+    # ------------------------------------------------------------------ E-step pieces
+    def _origins(self, centres: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
+        g = torch.as_tensor(grid, dtype=self.dtype, device=self.device)
+        return centres[..., None, :] + g
+
+    def _shifted(self, x: torch.Tensor, origins: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Images (B, M) centred at candidate origins (B, ..., 2) -> (B, ..., M)."""
+        shape = origins.shape[:-1]
+        o = origins.reshape(-1, 2)
+        ph = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(*shape, -1)
+        return x.reshape(x.shape[0], *([1] * (len(shape) - 1)), -1) * ph
+
+    def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile):
+        """Best ``top_poses`` (rotation, origin) per image and class on the coarse global grid."""
+        b = x.shape[0]
+        cand = self._origins(torch.as_tensor(state.origins_px[rows] * 0.0 if state.iteration == 0 else
+                                             state.origins_px[rows], dtype=self.dtype, device=self.device),
+                             shift_grid(self.shift_range_px, self.shift_step_px))  # (B, S, 2)
+        n_shift = cand.shape[1]
+        xs = self._shifted(x[:, :m], cand, coords[:m])
+        a = as_real(weighted_images(xs, None if ctf is None else ctf[:, :m], weight[:m]))
+        qc = q[:, :m]
+        rots, orgs = [], []
+        chunk = max(1, int(4e7 // max(1, b * n_shift)))
+        for pr, pw in proj_c:
+            top = TopK(b, self.opt.top_poses, self.device)
+            for start in range(0, pr.shape[0], chunk):
+                s = scores_shared(a, qc, pr[start:start + chunk], pw[start:start + chunk], profile)  # (B, S, R)
+                top.update(s.transpose(1, 2).reshape(b, -1), start * n_shift)
+            r_idx, s_idx = top.index // n_shift, top.index % n_shift
+            rots.append(torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)[r_idx])
+            orgs.append(torch.gather(cand, 1, s_idx[..., None].expand(-1, -1, 2)))
+        return torch.stack(rots, 1), torch.stack(orgs, 1)  # (B, K, T, 3, 3), (B, K, T, 2)
+
+    def _fine_search(self, x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile, local_prior,
+                     log_prior, forced):
+        """Posterior over fine candidates around each centre; returns the per-candidate pieces."""
+        b, k_cls, t = centres_rot.shape[:3]
+        if local_prior:
+            rng_deg = self.opt.local_search_deg if self.opt.local_search_deg > 0 else 1.5 * self.coarse_step_deg
+            d_rot = local_grid(self.opt.angular_step_deg, rng_deg)
+            sigma = rng_deg / 3.0
+            d_ang = angular_distance_deg(d_rot, np.eye(3))
+            rot_prior = torch.as_tensor(-0.5 * (d_ang / sigma) ** 2, dtype=self.dtype, device=self.device)
+            shifts = shift_grid(max(self.shift_step_px, 0.5 * self.shift_range_px), self.shift_step_px)
+        else:
+            d_rot, rot_prior, shifts = self.fine_rot, None, self.fine_shift
+        dr = torch.as_tensor(d_rot, dtype=self.dtype, device=self.device)
+        n_rot, n_sh = len(d_rot), len(shifts)
+        rots = centres_rot[:, :, :, None] @ dr  # (B, K, T, L, 3, 3)
+        orgs = self._origins(centres_org, shifts)  # (B, K, T, S, 2)
+        xs = self._shifted(x, orgs, coords)  # (B, K, T, S, M)
+        a = as_real(weighted_images(xs.reshape(b, -1, xs.shape[-1]), ctf, weight))
+        a = a.reshape(b * k_cls * t, n_sh, -1)
+        m = coords.shape[0]
+        projs = torch.empty((b, k_cls, t, n_rot, m), dtype=torch.complex64 if self.dtype == torch.float32
+                            else torch.complex128, device=self.device)
+        for j in range(k_cls):
+            projs[:, j] = project_ft(vol_ft[j], rots[:, j].reshape(-1, 3, 3), coords).reshape(b, t, n_rot, m)
+        pr = as_real(projs).reshape(b * k_cls * t, n_rot, 2 * m)
+        pw = (projs.abs() ** 2).reshape(b * k_cls * t, n_rot, m)
+        qg = q[:, None, :].expand(b, k_cls * t, m).reshape(-1, m)
+        s = scores_per_image(a, qg, pr, pw, profile).reshape(b, k_cls, t, n_sh, n_rot)
+        if rot_prior is not None:
+            s = s + rot_prior
+        s = s + log_prior[None, :, None, None, None]
+        flat = s.reshape(b, k_cls, -1)
+        evidence = torch.logsumexp(flat, dim=2)  # (B, K)
+        if forced is not None:
+            mask = torch.full((b, k_cls), -float("inf"), device=self.device)
+            mask[torch.arange(b), torch.as_tensor(forced, device=self.device)] = 0.0
+            flat = flat + mask[:, :, None]
+        logits = flat.reshape(b, -1)
+        total = torch.logsumexp(logits, dim=1)
+        post = torch.exp(logits - total[:, None])
+        return dict(post=post, evidence=evidence, total=total, rots=rots, orgs=orgs, projs=projs,
+                    shape=(k_cls, t, n_sh, n_rot), scores=s)
+
+    # ------------------------------------------------------------------ M-step pieces
+    def _accumulate(self, res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den):
+        """Book-keeping per batch: best poses, class posteriors, significant samples into the backprojectors."""
+        k_cls, t, n_sh, n_rot = res["shape"]
+        post = res["post"]
+        b = post.shape[0]
+        class_post = post.reshape(b, k_cls, -1).sum(2)
+        vals, idx = torch.sort(post, dim=1, descending=True)
+        keep_n = min(self.opt.max_significant, idx.shape[1])
+        vals, idx = vals[:, :keep_n], idx[:, :keep_n]
+        cum = torch.cumsum(vals, 1)
+        keep = (cum - vals) < 0.999
+        vals = vals * keep
+        vals = vals / vals.sum(1, keepdim=True)
+        j_idx = idx // (t * n_sh * n_rot)
+        rem = idx % (t * n_sh * n_rot)
+        t_idx = rem // (n_sh * n_rot)
+        s_idx = (rem // n_rot) % n_sh
+        l_idx = rem % n_rot
+        bi = torch.arange(b, device=self.device)[:, None].expand_as(idx)
+        rot_sel = res["rots"][bi, j_idx, t_idx, l_idx]          # (B, E, 3, 3)
+        org_sel = res["orgs"][bi, j_idx, t_idx, s_idx]          # (B, E, 2)
+        best_rot, best_org, best_j = rot_sel[:, 0], org_sel[:, 0], j_idx[:, 0]
+        rows_np = np.asarray(rows)
+        new["rot"][rows_np] = best_rot.double().cpu().numpy()
+        new["org"][rows_np] = best_org.double().cpu().numpy()
+        new["cls"][rows_np] = best_j.cpu().numpy()
+        new["post"][rows_np] = class_post.double().cpu().numpy()
+        new["maxp"][rows_np] = vals[:, 0].double().cpu().numpy()
+        new["nsig"][rows_np] = keep.sum(1).cpu().numpy()
+        ll = res["total"] - 0.5 * ((x.abs() ** 2) * weight).sum(1)
+        new["ll"][rows_np] = ll.double().cpu().numpy()
+        # residual power at the best pose, for the noise spectrum
+        best_proj = res["projs"][torch.arange(b), best_j, t_idx[:, 0], l_idx[:, 0]]
+        xb = self._shifted(x, best_org[:, None, :], coords)[:, 0]
+        model = best_proj if ctf is None else best_proj * ctf
+        scale = ((xb * model.conj()).real * herm).sum(1) / ((model.abs() ** 2) * herm).sum(1).clamp(min=1e-20)
+        resid = (xb - scale[:, None] * model).abs() ** 2
+        s2_num.index_add_(0, shells, (resid * herm).sum(0).to(torch.float64))
+        s2_den.index_add_(0, shells, (herm * b).to(torch.float64))
+        # significant samples into the class / half-set backprojectors
+        e = idx.shape[1]
+        xs = self._shifted(x, org_sel, coords)  # (B, E, M)
+        ctf_e = None if ctf is None else ctf[:, None, :].expand(-1, e, -1)
+        halves = torch.as_tensor(self.halves[rows_np], device=self.device)[:, None].expand(-1, e)
+        live = vals > 0
+        for j in range(k_cls):
+            for h in (1, 2):
+                m_sel = live & (j_idx == j) & (halves == h)
+                if not bool(m_sel.any()):
+                    continue
+                bps[j][h - 1].insert(xs[m_sel], rot_sel[m_sel], None if ctf_e is None else ctf_e[m_sel],
+                                     vals[m_sel], coords)
+
+    def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0) -> MulticlassState:
+        opt, k_cls = self.opt, self.opt.n_classes
+        maps, curves, res_A = [], [], []
+        best_shell = 0.0
+        for j in range(k_cls):
+            halves = [bp.reconstruct(symmetry=self.sym).cpu().numpy() for bp in bps[j]]
+            curve = fsc(halves[0] * self.fsc_mask, halves[1] * self.fsc_mask)
+            curve[np.arange(len(curve)) > r_cur] = 0.0
+            bps[j][0].add(bps[j][1])
+            full = bps[j][0].reconstruct(fsc_to_snr(curve), opt.tau2_fudge, self.sym).cpu().numpy()
+            maps.append((full * self.solvent).astype(np.float32))
+            curves.append(curve)
+            res = resolution_at(curve, 0.143, self.box, self.px)
+            res_A.append(res)
+            best_shell = max(best_shell, self.box * self.px / res)
+        sigma2 = state.sigma2.copy()
+        s2 = (s2_num / s2_den.clamp(min=1)).cpu().numpy()
+        upd = s2_den.cpu().numpy() > 0
+        sigma2[upd] = s2[upd]
+        sizes = new["post"].sum(0)
+        prior = np.maximum(sizes / sizes.sum(), 1e-6)
+        r_next = float(np.clip(best_shell + 3.0, min(self.box * self.px / opt.initial_lowpass_A, self.r_limit),
+                               self.r_limit))
+        changed = float(np.mean(new["cls"] != state.classes)) if state.classes.min() >= 0 else 1.0
+        ang = angular_distance_deg(new["rot"], state.rotations)
+        entry = dict(iteration=it, class_sizes=sizes.round(2).tolist(), class_prior=prior.tolist(),
+                     resolution_A=[round(float(r), 3) for r in res_A], changed_class_fraction=changed,
+                     mean_angle_change_deg=float(np.mean(ang)), loglik=float(new["ll"].sum()),
+                     r_current=r_cur, seconds=round(time.time() - t0, 2))
+        self.log(f"iteration {it}: classes {np.round(sizes).astype(int).tolist()}  resolution "
+                 f"{[round(float(r), 1) for r in res_A]} A  changed {100 * changed:.1f}%  angle change "
+                 f"{entry['mean_angle_change_deg']:.1f} deg  logL {entry['loglik']:.4g}  "
+                 f"(limit {self.box * self.px / max(r_cur, 1e-6):.1f} A, {entry['seconds']} s)")
+        return MulticlassState(
+            iteration=it, maps=np.stack(maps), class_prior=prior, sigma2=sigma2, r_current=r_next,
+            rotations=new["rot"], origins_px=new["org"], classes=new["cls"], posteriors=new["post"],
+            max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], resolution_A=np.array(res_A),
+            fsc_curves=np.stack(curves), history=state.history + [entry])
+
+    def converged(self, state: MulticlassState) -> bool:
+        """Class assignments and orientations stopped changing and the resolution stopped improving."""
+        h = state.history
+        if len(h) < 3:
+            return False
+        last, prev = h[-1], h[-2]
+        return (last["changed_class_fraction"] <= self.opt.stop_change_fraction
+                and last["mean_angle_change_deg"] < 0.5 * self.opt.angular_step_deg
+                and max(last["resolution_A"]) >= max(prev["resolution_A"]) - 0.5 * self.px)

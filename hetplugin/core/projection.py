@@ -1,0 +1,143 @@
+"""Fourier central-slice projection and its adjoint (backprojection).
+
+A volume (D, D, D) is gridding-corrected, zero-padded by ``pad`` (2 by default)
+and transformed: the result is a centred complex grid (P, P, P), P = pad * D.
+A projection with rotation A samples that grid at pad * A^T (kx, ky, 0) by
+trilinear interpolation (:func:`project_ft`); :func:`backproject_ft` is its exact
+adjoint (the transpose of the same interpolation weights). Image frequencies
+(kx, ky) are in index units of the D-box and must satisfy |k| <= D/2 - 1 so that
+every interpolation neighbour lies inside the padded grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .fourier import (crop_volume, fftn_centered, half_plane_coords, ifftn_centered, irfft2_centered,
+                      pad_volume, shift_phase)
+
+
+def gridding_correction(box: int, pad: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Real-space (D, D, D) factor sinc^2(x/P) sinc^2(y/P) sinc^2(z/P) of trilinear interpolation on the padded grid."""
+    x = (torch.arange(box, dtype=torch.float64) - box // 2) / (pad * box)
+    s = torch.sinc(x) ** 2
+    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).to(device=device, dtype=dtype)
+
+
+def prepare_volume(volume: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Real cube (D, D, D) -> padded centred transform (P, P, P) ready for slicing."""
+    box = volume.shape[-1]
+    if volume.shape[-3:] != (box, box, box):
+        raise ValueError(f"volume must be a cube, got shape {tuple(volume.shape)}")
+    corrected = volume / gridding_correction(box, pad, volume.device, volume.dtype)
+    return fftn_centered(pad_volume(corrected, pad * box), (-3, -2, -1))
+
+
+def volume_from_ft(volume_ft: torch.Tensor, box: int, pad: int = 2) -> torch.Tensor:
+    """Padded centred transform (P, P, P) -> real cube (D, D, D), undoing the gridding correction."""
+    real = ifftn_centered(volume_ft, (-3, -2, -1)).real
+    return crop_volume(real, box) / gridding_correction(box, pad, real.device, real.dtype)
+
+
+def frequency_mask(box: int, r_max: float | None = None) -> np.ndarray:
+    """Boolean (D, D//2+1) selecting half-plane frequencies with |k| <= r_max (default and at most D/2 - 1)."""
+    limit = box / 2 - 1 if r_max is None else min(float(r_max), box / 2 - 1)
+    k = half_plane_coords(box)
+    return np.hypot(k[..., 0], k[..., 1]) <= limit + 1e-9
+
+
+def _corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int):
+    """Trilinear corner indices (8, R*M) into a flattened (P^3) grid and weights (8, R*M) (zero outside)."""
+    # (R, M, 3) positions (x, y, z) in padded index units, origin at size // 2
+    pos = torch.einsum("mi,rij->rmj", coords, rotations[:, :2, :]) * pad + size // 2
+    pos = pos.reshape(-1, 3)
+    base = torch.floor(pos)
+    frac = pos - base
+    inside = ((base >= 0) & (base <= size - 2)).all(dim=1)
+    base = base.long().clamp_(0, size - 2)
+    idx, wts = [], []
+    for dz in (0, 1):
+        wz = frac[:, 2] if dz else 1 - frac[:, 2]
+        for dy in (0, 1):
+            wy = frac[:, 1] if dy else 1 - frac[:, 1]
+            for dx in (0, 1):
+                wx = frac[:, 0] if dx else 1 - frac[:, 0]
+                idx.append(((base[:, 2] + dz) * size + base[:, 1] + dy) * size + base[:, 0] + dx)
+                wts.append(wx * wy * wz * inside)
+    return torch.stack(idx), torch.stack(wts)
+
+
+def slice_grid(volume_ft: torch.Tensor) -> torch.Tensor:
+    """A (P, P, P) complex grid as the (1, 2, P, P, P) real layout that :func:`project_ft` samples.
+
+    Prepare it once per reference and iteration when projecting many batches.
+    """
+    return torch.view_as_real(volume_ft).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
+def project_ft(volume_ft: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Central slices: (P, P, P) complex grid (or its :func:`slice_grid` layout), rotations (R, 3, 3),
+    coords (M, 2) as (kx, ky) -> (R, M) complex, by trilinear interpolation."""
+    grid = slice_grid(volume_ft) if volume_ft.is_complex() else volume_ft
+    size = grid.shape[-1]
+    rot = rotations.to(device=grid.device, dtype=grid.dtype)
+    pos = torch.einsum("mi,rij->rmj", coords.to(grid.dtype), rot[:, :2, :]) * pad + size // 2
+    norm = pos * (2.0 / (size - 1)) - 1.0
+    out = torch.nn.functional.grid_sample(grid, norm.reshape(1, 1, 1, -1, 3), mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
+    out = out.reshape(2, rotations.shape[0], coords.shape[0]).permute(1, 2, 0)
+    return torch.view_as_complex(out.contiguous())
+
+
+def backproject_ft(values: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, size: int,
+                   pad: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adjoint of :func:`project_ft`: scatter (R, M) values (complex or real) into a (P, P, P) grid.
+
+    Accumulates into ``out`` when given (complex for complex values, real for real
+    values, e.g. CTF^2 weights) and returns it.
+    """
+    rot = rotations.to(device=values.device, dtype=coords.dtype)
+    idx, w = _corners(rot, coords, pad, size)
+    if out is None:
+        out = torch.zeros((size,) * 3, dtype=values.dtype, device=values.device)
+    if values.is_complex():
+        target = torch.view_as_real(out.reshape(-1))
+        src = torch.view_as_real(values.reshape(-1))
+        for c in range(8):
+            target.index_add_(0, idx[c], src * w[c, :, None].to(src.dtype))
+    else:
+        target = out.reshape(-1)
+        src = values.reshape(-1)
+        for c in range(8):
+            target.index_add_(0, idx[c], src * w[c].to(src.dtype))
+    return out
+
+
+def hermitian_symmetrize(grid: torch.Tensor) -> torch.Tensor:
+    """grid(q) + conj(grid(-q)) on a centred even grid (P, P, P): completes half-plane backprojections."""
+    dims = (-3, -2, -1)
+    mirrored = torch.roll(torch.flip(grid, dims), shifts=(1, 1, 1), dims=dims)
+    return grid + (mirrored.conj() if grid.is_complex() else mirrored)
+
+
+def project_images(volume: torch.Tensor, rotations: torch.Tensor, origins_px: torch.Tensor | None = None,
+                   ctf: torch.Tensor | None = None, pad: int = 2, r_max: float | None = None) -> torch.Tensor:
+    """Real projections (R, D, D) of a real cube with rotations (R, 3, 3), optional origins (R, 2) and CTF.
+
+    Origins are RELION's (rlnOriginX/Y, here in pixels): the projected content is
+    moved by -origin, as relion_project does. ``ctf`` is (R, M) on the half-plane
+    frequencies selected by :func:`frequency_mask` (r_max).
+    """
+    box = volume.shape[-1]
+    dtype = volume.dtype
+    sel = torch.as_tensor(frequency_mask(box, r_max), device=volume.device)
+    k = torch.as_tensor(half_plane_coords(box), dtype=dtype, device=volume.device)[sel]
+    vals = project_ft(prepare_volume(volume, pad), rotations.to(dtype), k, pad)
+    if origins_px is not None:
+        o = origins_px.to(device=volume.device, dtype=dtype)
+        vals = vals * shift_phase(k[:, 0], k[:, 1], -o[:, 0], -o[:, 1], box)
+    if ctf is not None:
+        vals = vals * ctf
+    full = torch.zeros((rotations.shape[0], box, box // 2 + 1), dtype=vals.dtype, device=volume.device)
+    full[:, sel] = vals
+    return irfft2_centered(full, box)
