@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import multiclass_job
+from . import subtract as subtract_job
 from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
 from .fsc import fsc, fsc_to_snr, resolution_at
@@ -140,4 +141,9 @@ COMMANDS = {
                     add_reconstruct, run_reconstruct),
     "multiclass": ("multiclass refinement (3D classification) of particles against one or K references",
                    multiclass_job.add_arguments, lambda a: multiclass_job.run(a, log)),
+    "subtract": ("signal subtraction: remove the CTF-modulated projection of the density outside (or inside) a mask "
+                 "from each particle, optionally per class, with scale fitting, recentring and re-boxing",
+                 subtract_job.add_arguments, lambda a: subtract_job.run(a, log)),
+    "revert-subtraction": ("point subtracted particles back at their original images, carrying the alignment over",
+                           subtract_job.add_revert_arguments, lambda a: subtract_job.run_revert(a, log)),
 }

@@ -32,7 +32,7 @@ from .fourier import crop_ft_grid, half_plane_coords, lowpass_volume, shift_phas
 from .fsc import fsc, fsc_to_snr, resolution_at
 from .masks import spherical_mask
 from .poses import global_grid, local_grid, shift_grid
-from .projection import frequency_mask, prepare_volume, project_ft
+from .projection import frequency_mask, prepare_volume, project_ft, slice_grid
 from .reconstruct import Backprojector
 from .rotations import angular_distance_deg
 from .search import TopK, as_real, quadratic_weights, scores_per_image, scores_shared, weighted_images
@@ -51,14 +51,17 @@ class MulticlassOptions:
     offset_step_A: float | None = None
     local_search_deg: float = 0.0
     global_iterations: int = 4
+    alignment_iterations: int = 4
     symmetry: str = "C1"
     particle_diameter_A: float | None = None
     resolution_limit_A: float | None = None
     min_class_size: int = 20
-    top_poses: int = 4
+    top_poses: int = 3
     seed: int = 0
     batch_size: int = 64
     max_significant: int = 32
+    anneal_iterations: int | None = None
+    anneal_spread: float = 2.0
     stop_change_fraction: float = 0.002
 
     def check(self, n_particles: int) -> None:
@@ -76,7 +79,8 @@ class MulticlassOptions:
 class MulticlassState:
     """Everything needed to continue a run after an iteration (saved to disk between iterations)."""
     iteration: int
-    maps: np.ndarray              # (K, D, D, D) float32 references for the next E-step
+    maps: np.ndarray              # (K, D, D, D) float32 class maps from all particles (the result)
+    half_maps: np.ndarray         # (2, K, D, D, D) per half-set maps: the E-step references of the other half
     class_prior: np.ndarray       # (K,)
     sigma2: np.ndarray            # (D//2+1,) noise power per shell, E|N_k|^2
     r_current: float              # E-step frequency limit (index units)
@@ -87,8 +91,10 @@ class MulticlassState:
     max_prob: np.ndarray          # (N,) largest posterior over class x pose x shift
     loglik: np.ndarray            # (N,) log-likelihood contribution
     n_significant: np.ndarray     # (N,) number of (class, pose, shift) kept for the M-step
+    evidence: np.ndarray          # (N, K) class log-evidence (prior included) of the last E-step
     resolution_A: np.ndarray      # (K,) FSC 0.143 per class
     fsc_curves: np.ndarray        # (K, D//2+1)
+    one_reference: bool = False   # classes seeded from one reference: align first, then split
     history: list = field(default_factory=list)
 
 
@@ -106,15 +112,20 @@ class MulticlassRefiner:
         self.radius_px = min(diameter_A / 2 / self.px, self.box / 2 - 2)
         self.solvent = spherical_mask(self.box, self.radius_px, edge_px=3) if mask is None else mask.astype(np.float32)
         self.fsc_mask = spherical_mask(self.box, self.radius_px + 2, edge_px=3)
-        off_range = options.offset_range_A if options.offset_range_A is not None else 0.1 * self.box * self.px
+        off_range = options.offset_range_A if options.offset_range_A is not None else 5.0 * self.px
         off_step = options.offset_step_A if options.offset_step_A is not None else self.px
         self.shift_step_px = max(off_step / self.px, 0.25)
         self.shift_range_px = off_range / self.px
-        self.coarse_step_deg = 2.0 * options.angular_step_deg
+        step = options.angular_step_deg
+        self.coarse_step_deg = 2.0 * step
         self.coarse_grid = global_grid(self.coarse_step_deg, self.sym)
-        self.fine_rot = local_grid(options.angular_step_deg, options.angular_step_deg * math.sqrt(3) + 1e-6)
-        half = 0.5 * self.shift_step_px
-        self.fine_shift = shift_grid(half * math.sqrt(2) + 1e-6, half)
+        # global iterations: coarse grid (2 x step, shifts up to 2 x offset step apart), then the 3x3x3
+        # cube of rotations at the fine step around each kept coarse pose and the 3x3 shifts
+        self.fine_rot = local_grid(step, step * math.sqrt(3) + 1e-6)
+        self.fine_shift = shift_grid(self.shift_step_px * math.sqrt(2) + 1e-6, self.shift_step_px)
+        # local iterations: half the step within one step of the current pose, half-step shifts
+        self.local_rot = local_grid(0.5 * step, step + 1e-6)
+        self.local_shift = shift_grid(self.shift_step_px * math.sqrt(2) * 0.5 + 1e-6, 0.5 * self.shift_step_px)
         self.halves = np.where(np.random.default_rng(options.seed).permutation(len(dataset)) % 2 == 0, 1, 2)
         self.r_limit = self.box / 2 - 1
         if options.resolution_limit_A:
@@ -136,11 +147,12 @@ class MulticlassRefiner:
         r0 = min(self.box * self.px / self.opt.initial_lowpass_A, self.r_limit)
         rot = self.ds.rotations() if self.ds.has_alignment else np.tile(np.eye(3), (n, 1, 1))
         return MulticlassState(
-            iteration=0, maps=np.stack(maps), class_prior=np.full(k, 1.0 / k), sigma2=self.initial_sigma2(),
+            iteration=0, maps=np.stack(maps), half_maps=np.stack([maps, maps]), class_prior=np.full(k, 1.0 / k), sigma2=self.initial_sigma2(),
             r_current=float(r0), rotations=rot, origins_px=self.ds.origins_px().copy(),
             classes=np.full(n, -1), posteriors=np.full((n, k), 1.0 / k), max_prob=np.zeros(n), loglik=np.zeros(n),
-            n_significant=np.zeros(n, dtype=np.int64), resolution_A=np.full(k, np.inf),
-            fsc_curves=np.zeros((k, self.box // 2 + 1)), history=[])
+            n_significant=np.zeros(n, dtype=np.int64), evidence=np.zeros((n, k)), resolution_A=np.full(k, np.inf),
+            fsc_curves=np.zeros((k, self.box // 2 + 1)), one_reference=bool(refs.shape[0] == 1 and k > 1),
+            history=[])
 
     def initial_sigma2(self, max_images: int = 1000) -> np.ndarray:
         """Noise power per shell from the images' power spectrum (at low SNR the images are mostly noise)."""
@@ -178,51 +190,84 @@ class MulticlassRefiner:
         herm = torch.where(coords[:, 0] == 0, 1.0, 2.0).to(self.dtype)
         sigma2 = torch.as_tensor(state.sigma2, dtype=self.dtype, device=self.device)[shells]
         weight = herm / sigma2
-        first_from_one_ref = it == 1 and state.classes.min() < 0
+        # from one reference: the first iterations align all particles as one class (consensus
+        # poses), then classes are seeded from a random split and refined with local searches
+        aligning = state.one_reference and it <= opt.alignment_iterations
+        k_act = 1 if aligning else k_cls
+        first_from_one_ref = not aligning and state.classes.min() < 0
         profile = it == 1
         use_prior_pose = opt.local_search_deg > 0 and self.ds.has_alignment
-        global_search = not use_prior_pose and it <= opt.global_iterations
-        r_coarse = min(r_cur, self.box * self.px / (2 * math.radians(self.coarse_step_deg) * self.radius_px * self.px))
+        global_search = not use_prior_pose and it <= opt.global_iterations and (aligning or not state.one_reference)
+        # the coarse grid's angular error decorrelates frequencies beyond ~1/(2 pi radius step); at
+        # least 8 shells are kept, below which poses of most particles are ambiguous
+        r_coarse = min(r_cur, max(8.0, self.box / (2 * math.pi * math.radians(self.coarse_step_deg) * self.radius_px)))
+        coarse_shift = shift_grid(self.shift_range_px,
+                                  max(self.shift_step_px, min(2 * self.shift_step_px, self.box / (4 * r_coarse))))
         m_coarse = int(np.searchsorted(radius_np[order], r_coarse, side="right"))
         pad = 2
-        vol_ft = [crop_ft_grid(prepare_volume(torch.as_tensor(state.maps[j], dtype=self.dtype, device=self.device),
-                                              pad), pad * grid_box) for j in range(k_cls)]
-        proj_c = None
-        if global_search:
-            rot_c = torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)
-            proj_c = []
-            for j in range(k_cls):
-                p = project_ft(vol_ft[j], rot_c, coords[:m_coarse], pad)
-                proj_c.append((as_real(p), p.abs() ** 2))
         rng = np.random.default_rng([opt.seed, it])
         forced = rng.integers(0, k_cls, n) if first_from_one_ref else None
+        temperature = self.temperature(state)
         bps = [[Backprojector(self.box, pad, self.device, self.dtype, r_cur, grid_box) for _ in (1, 2)]
-               for _ in range(k_cls)]
+               for _ in range(k_act)]
         new = dict(rot=state.rotations.copy(), org=state.origins_px.copy(), cls=np.zeros(n, np.int64),
-                   post=np.zeros((n, k_cls)), maxp=np.zeros(n), ll=np.zeros(n), nsig=np.zeros(n, np.int64))
+                   post=np.zeros((n, k_act)), maxp=np.zeros(n), ll=np.zeros(n), nsig=np.zeros(n, np.int64),
+                   evid=np.zeros((n, k_act)), temperature=temperature)
         n_shells = self.box // 2 + 1
         s2_num = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
         s2_den = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
-        log_prior = torch.as_tensor(np.log(np.maximum(state.class_prior, 1e-10)), dtype=self.dtype, device=self.device)
-        for rows in self.ds.batches(opt.batch_size):
-            x = self.ds.images_ft(rows, sel, coords, centre=False)[:, order_t]
-            ctf = self.ds.ctf(rows, coords)
-            b = len(rows)
-            q = quadratic_weights(ctf, weight, b)
+        log_prior = torch.as_tensor(np.log(np.maximum(state.class_prior[:k_act], 1e-10)), dtype=self.dtype,
+                                    device=self.device)
+        for half in (1, 2):
+            # each half-set is scored against the maps of the other half (no particle sees its own noise)
+            refs = state.half_maps[2 - half]
+            vol_ft = [slice_grid(crop_ft_grid(prepare_volume(
+                torch.as_tensor(refs[j], dtype=self.dtype, device=self.device), pad), pad * grid_box))
+                for j in range(k_act)]
+            proj_c = None
             if global_search:
-                centres_rot, centres_org = self._coarse_search(x, ctf, weight, q, state, rows, coords, m_coarse,
-                                                               proj_c, profile)
-                ang_prior = None
-            else:
-                centres_rot = torch.as_tensor(state.rotations[rows], dtype=self.dtype, device=self.device)[:, None, None]
-                centres_rot = centres_rot.expand(b, k_cls, 1, 3, 3)
-                centres_org = torch.as_tensor(state.origins_px[rows], dtype=self.dtype, device=self.device)
-                centres_org = centres_org[:, None, None].expand(b, k_cls, 1, 2)
-                ang_prior = True
-            res = self._fine_search(x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile,
-                                    ang_prior, log_prior, forced[rows] if forced is not None else None)
-            self._accumulate(res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den)
-        return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0)
+                rot_c = torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)
+                proj_c = []
+                for j in range(k_act):
+                    p = project_ft(vol_ft[j], rot_c, coords[:m_coarse], pad)
+                    proj_c.append((as_real(p), p.abs() ** 2))
+            for rows in self.ds.batches(opt.batch_size, np.flatnonzero(self.halves == half)):
+                x = self.ds.images_ft(rows, sel, coords, centre=False)[:, order_t]
+                ctf = self.ds.ctf(rows, coords)
+                b = len(rows)
+                q = quadratic_weights(ctf, weight, b)
+                if global_search:
+                    centres_rot, centres_org = self._coarse_search(x, ctf, weight, q, state, rows, coords, m_coarse,
+                                                                   proj_c, profile, coarse_shift)
+                    ang_prior = None
+                else:
+                    centres_rot = torch.as_tensor(state.rotations[rows], dtype=self.dtype,
+                                                  device=self.device)[:, None, None].expand(b, k_act, 1, 3, 3)
+                    centres_org = torch.as_tensor(state.origins_px[rows], dtype=self.dtype,
+                                                  device=self.device)[:, None, None].expand(b, k_act, 1, 2)
+                    ang_prior = True
+                res = self._fine_search(x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile,
+                                        ang_prior, log_prior, None if forced is None else forced[rows], temperature)
+                self._accumulate(res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den)
+        return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning)
+
+    def temperature(self, state: MulticlassState) -> float:
+        """Class-assignment temperature (deterministic annealing) for the next iteration.
+
+        While annealing, class log-evidences are divided by a temperature that keeps their
+        spread across particles at ``anneal_spread`` (from the previous iteration), so that
+        assignments stay soft and the class maps grow apart along the data's main
+        heterogeneity (EM in its linear regime acts as a power iteration on it) instead of
+        locking into an early, noise-driven partition. Afterwards the temperature is 1.
+        """
+        start = self.opt.alignment_iterations if state.one_reference else 0
+        n_anneal = self.opt.anneal_iterations if self.opt.anneal_iterations is not None \
+            else (self.opt.iterations - start) // 2
+        if state.iteration >= start + n_anneal or state.classes.min() < 0 or self.opt.n_classes < 2:
+            return 1.0
+        e = state.evidence - state.evidence.mean(1, keepdims=True)
+        rms = float(np.sqrt(np.mean(e ** 2)))
+        return max(1.0, 2.0 * rms / self.opt.anneal_spread)
 
     # ------------------------------------------------------------------ E-step pieces
     def _origins(self, centres: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
@@ -236,12 +281,12 @@ class MulticlassRefiner:
         ph = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(*shape, -1)
         return x.reshape(x.shape[0], *([1] * (len(shape) - 1)), -1) * ph
 
-    def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile):
+    def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile, shifts):
         """Best ``top_poses`` (rotation, origin) per image and class on the coarse global grid."""
         b = x.shape[0]
         cand = self._origins(torch.as_tensor(state.origins_px[rows] * 0.0 if state.iteration == 0 else
                                              state.origins_px[rows], dtype=self.dtype, device=self.device),
-                             shift_grid(self.shift_range_px, self.shift_step_px))  # (B, S, 2)
+                             shifts)  # (B, S, 2)
         n_shift = cand.shape[1]
         xs = self._shifted(x[:, :m], cand, coords[:m])
         a = as_real(weighted_images(xs, None if ctf is None else ctf[:, :m], weight[:m]))
@@ -259,16 +304,20 @@ class MulticlassRefiner:
         return torch.stack(rots, 1), torch.stack(orgs, 1)  # (B, K, T, 3, 3), (B, K, T, 2)
 
     def _fine_search(self, x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile, local_prior,
-                     log_prior, forced):
+                     log_prior, forced, temperature):
         """Posterior over fine candidates around each centre; returns the per-candidate pieces."""
         b, k_cls, t = centres_rot.shape[:3]
         if local_prior:
-            rng_deg = self.opt.local_search_deg if self.opt.local_search_deg > 0 else 1.5 * self.coarse_step_deg
-            d_rot = local_grid(self.opt.angular_step_deg, rng_deg)
-            sigma = rng_deg / 3.0
+            if self.opt.local_search_deg > 0 and self.ds.has_alignment:
+                rng_deg = self.opt.local_search_deg
+                d_rot = local_grid(self.opt.angular_step_deg, rng_deg)
+                shifts = shift_grid(self.shift_range_px, self.shift_step_px)
+            else:
+                rng_deg = self.opt.angular_step_deg
+                d_rot, shifts = self.local_rot, self.local_shift
+            sigma = max(rng_deg / 2.0, 1e-3)
             d_ang = angular_distance_deg(d_rot, np.eye(3))
             rot_prior = torch.as_tensor(-0.5 * (d_ang / sigma) ** 2, dtype=self.dtype, device=self.device)
-            shifts = shift_grid(max(self.shift_step_px, 0.5 * self.shift_range_px), self.shift_step_px)
         else:
             d_rot, rot_prior, shifts = self.fine_rot, None, self.fine_shift
         dr = torch.as_tensor(d_rot, dtype=self.dtype, device=self.device)
@@ -291,16 +340,18 @@ class MulticlassRefiner:
             s = s + rot_prior
         s = s + log_prior[None, :, None, None, None]
         flat = s.reshape(b, k_cls, -1)
-        evidence = torch.logsumexp(flat, dim=2)  # (B, K)
+        evidence = torch.logsumexp(flat, dim=2)  # (B, K), class prior included
+        total = torch.logsumexp(evidence, dim=1)
         if forced is not None:
-            mask = torch.full((b, k_cls), -float("inf"), device=self.device)
-            mask[torch.arange(b), torch.as_tensor(forced, device=self.device)] = 0.0
-            flat = flat + mask[:, :, None]
-        logits = flat.reshape(b, -1)
-        total = torch.logsumexp(logits, dim=1)
-        post = torch.exp(logits - total[:, None])
+            class_logp = torch.full((b, k_cls), -float("inf"), device=self.device)
+            class_logp[torch.arange(b), torch.as_tensor(forced, device=self.device)] = 0.0
+        else:
+            class_logp = torch.log_softmax(evidence / temperature, dim=1)
+        # joint posterior = p(class) (annealed) x p(pose, shift | class)
+        logits = (flat - evidence[:, :, None] + class_logp[:, :, None]).reshape(b, -1)
+        post = torch.exp(logits)
         return dict(post=post, evidence=evidence, total=total, rots=rots, orgs=orgs, projs=projs,
-                    shape=(k_cls, t, n_sh, n_rot), scores=s)
+                    shape=(k_cls, t, n_sh, n_rot))
 
     # ------------------------------------------------------------------ M-step pieces
     def _accumulate(self, res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den):
@@ -332,6 +383,7 @@ class MulticlassRefiner:
         new["post"][rows_np] = class_post.double().cpu().numpy()
         new["maxp"][rows_np] = vals[:, 0].double().cpu().numpy()
         new["nsig"][rows_np] = keep.sum(1).cpu().numpy()
+        new["evid"][rows_np] = res["evidence"].double().cpu().numpy()
         ll = res["total"] - 0.5 * ((x.abs() ** 2) * weight).sum(1)
         new["ll"][rows_np] = ll.double().cpu().numpy()
         # residual power at the best pose, for the noise spectrum
@@ -356,14 +408,18 @@ class MulticlassRefiner:
                 bps[j][h - 1].insert(xs[m_sel], rot_sel[m_sel], None if ctf_e is None else ctf_e[m_sel],
                                      vals[m_sel], coords)
 
-    def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0) -> MulticlassState:
-        opt, k_cls = self.opt, self.opt.n_classes
-        maps, curves, res_A = [], [], []
+    def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning) -> MulticlassState:
+        opt, k_cls = self.opt, len(bps)
+        maps, curves, res_A, half_maps = [], [], [], ([], [])
         best_shell = 0.0
         for j in range(k_cls):
             halves = [bp.reconstruct(symmetry=self.sym).cpu().numpy() for bp in bps[j]]
             curve = fsc(halves[0] * self.fsc_mask, halves[1] * self.fsc_mask)
             curve[np.arange(len(curve)) > r_cur] = 0.0
+            half_snr = fsc_to_snr(curve, full_set=False)
+            for h in (0, 1):
+                half_maps[h].append((bps[j][h].reconstruct(half_snr, opt.tau2_fudge, self.sym).cpu().numpy()
+                                     * self.solvent).astype(np.float32))
             bps[j][0].add(bps[j][1])
             full = bps[j][0].reconstruct(fsc_to_snr(curve), opt.tau2_fudge, self.sym).cpu().numpy()
             maps.append((full * self.solvent).astype(np.float32))
@@ -375,25 +431,37 @@ class MulticlassRefiner:
         s2 = (s2_num / s2_den.clamp(min=1)).cpu().numpy()
         upd = s2_den.cpu().numpy() > 0
         sigma2[upd] = s2[upd]
+        k_all = opt.n_classes
+        if aligning:  # one consensus map stands for every class until the classes are split
+            rep = lambda a: np.repeat(np.asarray(a), k_all, axis=0)
+            maps, curves, res_A = rep(maps), rep(curves), list(rep(res_A))
+            half_maps = (rep(half_maps[0]), rep(half_maps[1]))
+            new["post"] = np.full((len(new["cls"]), k_all), 1.0 / k_all)
+            new["evid"] = np.zeros((len(new["cls"]), k_all))
+            new["cls"] = np.full(len(new["cls"]), -1)
         sizes = new["post"].sum(0)
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
         r_next = float(np.clip(best_shell + 3.0, min(self.box * self.px / opt.initial_lowpass_A, self.r_limit),
                                self.r_limit))
-        changed = float(np.mean(new["cls"] != state.classes)) if state.classes.min() >= 0 else 1.0
+        changed = float(np.mean(new["cls"] != state.classes)) if min(state.classes.min(), new["cls"].min()) >= 0 \
+            else 1.0
         ang = angular_distance_deg(new["rot"], state.rotations)
-        entry = dict(iteration=it, class_sizes=sizes.round(2).tolist(), class_prior=prior.tolist(),
+        entry = dict(iteration=it, stage="alignment" if aligning else "classification", class_sizes=sizes.round(2).tolist(), class_prior=prior.tolist(),
                      resolution_A=[round(float(r), 3) for r in res_A], changed_class_fraction=changed,
                      mean_angle_change_deg=float(np.mean(ang)), loglik=float(new["ll"].sum()),
+                     temperature=float(new["temperature"]),
                      r_current=r_cur, seconds=round(time.time() - t0, 2))
         self.log(f"iteration {it}: classes {np.round(sizes).astype(int).tolist()}  resolution "
                  f"{[round(float(r), 1) for r in res_A]} A  changed {100 * changed:.1f}%  angle change "
                  f"{entry['mean_angle_change_deg']:.1f} deg  logL {entry['loglik']:.4g}  "
                  f"(limit {self.box * self.px / max(r_cur, 1e-6):.1f} A, {entry['seconds']} s)")
         return MulticlassState(
-            iteration=it, maps=np.stack(maps), class_prior=prior, sigma2=sigma2, r_current=r_next,
+            iteration=it, maps=np.stack(maps), half_maps=np.stack([np.stack(half_maps[0]), np.stack(half_maps[1])]),
+            class_prior=prior, sigma2=sigma2, r_current=r_next,
             rotations=new["rot"], origins_px=new["org"], classes=new["cls"], posteriors=new["post"],
-            max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], resolution_A=np.array(res_A),
-            fsc_curves=np.stack(curves), history=state.history + [entry])
+            max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], evidence=new["evid"],
+            resolution_A=np.array(res_A), fsc_curves=np.stack(curves), one_reference=state.one_reference,
+            history=state.history + [entry])
 
     def converged(self, state: MulticlassState) -> bool:
         """Class assignments and orientations stopped changing and the resolution stopped improving."""

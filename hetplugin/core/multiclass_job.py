@@ -146,6 +146,7 @@ def _load_state(out: Path, key: str) -> MulticlassState | None:
     fields = {k: data[k] for k in data.files}
     fields["iteration"] = int(fields["iteration"])
     fields["r_current"] = float(fields["r_current"])
+    fields["one_reference"] = bool(fields["one_reference"])
     return MulticlassState(**fields, history=meta["history"])
 
 

@@ -47,7 +47,10 @@ def frequency_mask(box: int, r_max: float | None = None) -> np.ndarray:
 
 
 def _corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int):
-    """Trilinear corner indices (8, R*M) into a flattened (P^3) grid and weights (8, R*M) (zero outside)."""
+    """Trilinear corner indices (8, R*M) into a flattened (P^3) grid and weights (8, R*M) (zero outside).
+
+    Corners are ordered (dz, dy, dx) with dx fastest.
+    """
     # (R, M, 3) positions (x, y, z) in padded index units, origin at size // 2
     pos = torch.einsum("mi,rij->rmj", coords, rotations[:, :2, :]) * pad + size // 2
     pos = pos.reshape(-1, 3)
@@ -55,16 +58,13 @@ def _corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int)
     frac = pos - base
     inside = ((base >= 0) & (base <= size - 2)).all(dim=1)
     base = base.long().clamp_(0, size - 2)
-    idx, wts = [], []
-    for dz in (0, 1):
-        wz = frac[:, 2] if dz else 1 - frac[:, 2]
-        for dy in (0, 1):
-            wy = frac[:, 1] if dy else 1 - frac[:, 1]
-            for dx in (0, 1):
-                wx = frac[:, 0] if dx else 1 - frac[:, 0]
-                idx.append(((base[:, 2] + dz) * size + base[:, 1] + dy) * size + base[:, 0] + dx)
-                wts.append(wx * wy * wz * inside)
-    return torch.stack(idx), torch.stack(wts)
+    lin = (base[:, 2] * size + base[:, 1]) * size + base[:, 0]
+    steps = torch.tensor([0, 1], device=pos.device)
+    offsets = ((steps[:, None, None] * size + steps[None, :, None]) * size + steps[None, None, :]).reshape(8)
+    idx = lin[None, :] + offsets[:, None]
+    fx, fy, fz = (torch.stack([1 - frac[:, a], frac[:, a]]) for a in range(3))
+    w = (fz[:, None, None] * fy[None, :, None] * fx[None, None, :]).reshape(8, -1) * inside
+    return idx, w
 
 
 def slice_grid(volume_ft: torch.Tensor) -> torch.Tensor:
@@ -101,15 +101,10 @@ def backproject_ft(values: torch.Tensor, rotations: torch.Tensor, coords: torch.
     if out is None:
         out = torch.zeros((size,) * 3, dtype=values.dtype, device=values.device)
     if values.is_complex():
-        target = torch.view_as_real(out.reshape(-1))
-        src = torch.view_as_real(values.reshape(-1))
-        for c in range(8):
-            target.index_add_(0, idx[c], src * w[c, :, None].to(src.dtype))
+        src = torch.view_as_real(values.reshape(-1))[None] * w[..., None].to(out.real.dtype)
+        torch.view_as_real(out.reshape(-1)).index_add_(0, idx.reshape(-1), src.reshape(-1, 2))
     else:
-        target = out.reshape(-1)
-        src = values.reshape(-1)
-        for c in range(8):
-            target.index_add_(0, idx[c], src * w[c].to(src.dtype))
+        out.reshape(-1).index_add_(0, idx.reshape(-1), (values.reshape(-1)[None] * w.to(values.dtype)).reshape(-1))
     return out
 
 
