@@ -20,6 +20,7 @@ Maximises sum_i log sum_j pi_j int p(X_i | phi, V_j) p(phi) dphi + sum_j log p(V
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from .symmetry import symmetry_group
 class MulticlassOptions:
     """Settings of a multiclass refinement (units in the names; see the CLI for help texts)."""
     n_classes: int = 2
-    iterations: int = 20
+    iterations: int = 25
     initial_lowpass_A: float = 30.0
     tau2_fudge: float = 4.0
     angular_step_deg: float = 7.5
@@ -177,6 +178,11 @@ class MulticlassRefiner:
         opt, it = self.opt, state.iteration + 1
         k_cls, n = opt.n_classes, len(self.ds)
         r_cur = float(min(state.r_current, self.r_limit))
+        if state.one_reference and it == opt.alignment_iterations + 1 and it > 1:
+            # classes are split at low resolution, where conformations differ most and class maps
+            # from a fraction of the particles are still well determined; frequencies then march out
+            r_cur = min(r_cur, self.box * self.px / opt.initial_lowpass_A)
+            state.sigma2 = self.initial_sigma2()
         grid_box = int(min(self.box, 2 * math.ceil(r_cur + 2)))
         grid_box += grid_box % 2
         sel_np = frequency_mask(self.box, r_cur)
@@ -412,8 +418,20 @@ class MulticlassRefiner:
         opt, k_cls = self.opt, len(bps)
         maps, curves, res_A, half_maps = [], [], [], ([], [])
         best_shell = 0.0
+        raw = [[bp.reconstruct(symmetry=self.sym).cpu().numpy() for bp in bps[j]] for j in range(k_cls)]
+        if k_cls > 1:
+            # half 1 was scored against half 2's maps and vice versa: bring half 1's classes
+            # into half 2's order so that the halves (and the particles' labels) agree
+            perm = match_classes([r[0] * self.fsc_mask for r in raw], [r[1] * self.fsc_mask for r in raw])
+            bps = [[bps[perm[j]][0], bps[j][1]] for j in range(k_cls)]
+            raw = [[raw[perm[j]][0], raw[j][1]] for j in range(k_cls)]
+            rows1 = self.halves == 1
+            inverse = np.argsort(perm)
+            for key in ("post", "evid"):
+                new[key][rows1] = new[key][rows1][:, perm]
+            new["cls"][rows1] = inverse[new["cls"][rows1]]
         for j in range(k_cls):
-            halves = [bp.reconstruct(symmetry=self.sym).cpu().numpy() for bp in bps[j]]
+            halves = raw[j]
             curve = fsc(halves[0] * self.fsc_mask, halves[1] * self.fsc_mask)
             curve[np.arange(len(curve)) > r_cur] = 0.0
             half_snr = fsc_to_snr(curve, full_set=False)
@@ -472,3 +490,30 @@ class MulticlassRefiner:
         return (last["changed_class_fraction"] <= self.opt.stop_change_fraction
                 and last["mean_angle_change_deg"] < 0.5 * self.opt.angular_step_deg
                 and max(last["resolution_A"]) >= max(prev["resolution_A"]) - 0.5 * self.px)
+
+
+def match_classes(first: list[np.ndarray], second: list[np.ndarray]) -> np.ndarray:
+    """Permutation p such that first[p[j]] is the class of ``first`` that matches second[j].
+
+    Classes are matched by the correlation of their deviations from their set's mean map
+    (exhaustively for up to 7 classes, greedily beyond).
+    """
+    k = len(first)
+    d1 = np.stack([f.ravel() for f in first])
+    d2 = np.stack([f.ravel() for f in second])
+    d1 = d1 - d1.mean(0)
+    d2 = d2 - d2.mean(0)
+    d1 /= np.linalg.norm(d1, axis=1, keepdims=True) + 1e-30
+    d2 /= np.linalg.norm(d2, axis=1, keepdims=True) + 1e-30
+    score = d1 @ d2.T  # score[a, b]: first a vs second b
+    if k <= 7:
+        best = max(itertools.permutations(range(k)), key=lambda p: sum(score[p[j], j] for j in range(k)))
+        return np.array(best)
+    perm = np.full(k, -1)
+    free_a, free_b = set(range(k)), set(range(k))
+    for a, b in sorted(np.ndindex(k, k), key=lambda ab: -score[ab]):
+        if a in free_a and b in free_b:
+            perm[b] = a
+            free_a.discard(a)
+            free_b.discard(b)
+    return perm

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-step", type=float, default=None, help="origin search step (A; default one pixel)")
     p.add_argument("--local-search", type=float, default=o.local_search_deg,
                    help="if > 0 and the particles have alignment: search only within this many degrees of it")
+    p.add_argument("--alignment-iterations", type=int, default=o.alignment_iterations,
+                   help="from one reference: iterations that align all particles as one class before the "
+                        "classes are split (0: split at once)")
     p.add_argument("--global-iterations", type=int, default=o.global_iterations,
                    help="iterations with a global search before searching locally around the current poses")
     p.add_argument("--symmetry", default=o.symmetry, help="point group (C1, Cn, Dn, T, O, I)")
@@ -68,7 +71,8 @@ def options_from_args(a: argparse.Namespace) -> MulticlassOptions:
     return MulticlassOptions(
         n_classes=a.classes, iterations=a.iterations, initial_lowpass_A=a.initial_lowpass, tau2_fudge=a.tau2_fudge,
         angular_step_deg=a.angular_step, offset_range_A=a.offset_range, offset_step_A=a.offset_step,
-        local_search_deg=a.local_search, global_iterations=a.global_iterations, symmetry=a.symmetry,
+        local_search_deg=a.local_search, global_iterations=a.global_iterations,
+        alignment_iterations=a.alignment_iterations, symmetry=a.symmetry,
         particle_diameter_A=a.particle_diameter, resolution_limit_A=a.resolution_limit,
         min_class_size=a.min_class_size, seed=a.seed, batch_size=a.batch_size)
 

@@ -1,0 +1,108 @@
+"""Multiclass refinement on tiny synthetic data with ground truth (box 32)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hetplugin.core.cli import main
+from hetplugin.core.simulate import simulate
+from hetplugin.core.starfile import read_particles
+
+
+def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings (Hubert and Arabie)."""
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    comb = lambda x: x * (x - 1) / 2.0
+    index = comb(table).sum()
+    rows, cols = comb(table.sum(1)).sum(), comb(table.sum(0)).sum()
+    expected = rows * cols / comb(len(a))
+    return float((index - expected) / (0.5 * (rows + cols) - expected))
+
+
+def best_accuracy(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Fraction of agreeing labels under the best relabelling of ``found``."""
+    import itertools
+    return max(float(np.mean(np.asarray(p)[found - 1] + 1 == truth)) for p in itertools.permutations(range(k)))
+
+
+@pytest.fixture(scope="module")
+def two_state(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_state")
+    simulate(out, n_particles=600, n_classes=2, box=32, pixel_size_A=4.0, snr=1.0, seed=4,
+             heterogeneity="removal", with_alignment=False, log=lambda m: None)
+    return out
+
+
+def run_multiclass(sim: Path, out: Path, *extra: str) -> int:
+    return main(["multiclass", "--particles", str(sim / "particles.star"), "--reference", str(sim / "consensus.mrc"),
+                 "--out", str(out), "--classes", "2", "--initial-lowpass", "30", "--min-class-size", "5",
+                 "--threads", "2", *extra])
+
+
+def test_two_classes_from_one_reference_without_alignment(two_state, tmp_path):
+    assert run_multiclass(two_state, tmp_path / "mc", "--iterations", "14") == 0
+    out = tmp_path / "mc"
+    found = read_particles(out / "particles.star")
+    truth = read_particles(two_state / "truth_particles.star")
+    acc = best_accuracy(found.class_number, truth.class_number, 2)
+    ari = adjusted_rand_index(found.class_number, truth.class_number)
+    assert acc >= 0.95, acc
+    assert ari >= 0.8, ari
+    model = json.loads((out / "model.json").read_text())
+    assert sum(c["size"] for c in model["classes"]) == 600
+    assert all((out / c["map"]).exists() for c in model["classes"])
+    assert all(c["resolution_A"] < 20 for c in model["classes"])
+    for label in ("rlnMaxValueProbDistribution", "rlnLogLikeliContribution", "hetClassPosterior001",
+                  "rlnNrOfSignificantSamples"):
+        assert label in found.columns
+    post = np.stack([found.columns["hetClassPosterior001"], found.columns["hetClassPosterior002"]], 1)
+    assert np.allclose(post.sum(1), 1.0, atol=1e-4)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 14 and history[0]["stage"] == "alignment"
+
+
+@pytest.mark.slow
+def test_same_seed_same_answer_and_resume_after_kill(two_state, tmp_path):
+    import subprocess
+    import sys
+    import time
+    args = ["--iterations", "5", "--alignment-iterations", "2", "--seed", "3", "--batch-size", "32"]
+    assert run_multiclass(two_state, tmp_path / "a", *args) == 0
+    assert run_multiclass(two_state, tmp_path / "b", *args) == 0
+    a = read_particles(tmp_path / "a" / "particles.star")
+    b = read_particles(tmp_path / "b" / "particles.star")
+    assert np.array_equal(a.class_number, b.class_number)
+    assert np.allclose(a.rot_deg, b.rot_deg) and np.allclose(a.shift_x_A, b.shift_x_A)
+    # kill a run after its third iteration, continue it: same result as the uninterrupted run
+    cmd = [sys.executable, "-m", "hetplugin.core", "multiclass", "--particles", str(two_state / "particles.star"),
+           "--reference", str(two_state / "consensus.mrc"), "--out", str(tmp_path / "c"), "--classes", "2",
+           "--initial-lowpass", "30", "--min-class-size", "5", "--threads", "2", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "c" / "state" / "latest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["iteration"] >= 3:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert json.loads(latest.read_text())["iteration"] < 5, "the run finished before it could be killed"
+    assert run_multiclass(two_state, tmp_path / "c", *args, "--continue") == 0
+    c = read_particles(tmp_path / "c" / "particles.star")
+    assert np.array_equal(a.class_number, c.class_number)
+    assert np.allclose(a.rot_deg, c.rot_deg, atol=1e-4)
+
+
+def test_bad_input_is_refused_before_work(two_state, tmp_path, capsys):
+    assert main(["multiclass", "--particles", str(two_state / "particles.star"), "--reference",
+                 str(two_state / "consensus.mrc"), "--out", str(tmp_path / "x"), "--classes", "400"]) == 2
+    assert "exceeds the 600 particles" in capsys.readouterr().err
+    from hetplugin.core.mrc import write_volume
+    write_volume(tmp_path / "small.mrc", np.zeros((16, 16, 16), np.float32), 8.0)
+    assert main(["multiclass", "--particles", str(two_state / "particles.star"), "--reference",
+                 str(tmp_path / "small.mrc"), "--out", str(tmp_path / "y")]) == 2
+    assert "differs from the particles' box" in capsys.readouterr().err
