@@ -51,4 +51,15 @@ school = "Massachusetts Institute of Technology",
 year = "2022",
 author = "Zhong, Ellen D."
 }
+
+@article{Bai2015,
+title = "Sampling the conformational space of the catalytic subunit of human gamma-secretase",
+journal = "eLife",
+volume = "4",
+pages = "e11182",
+year = "2015",
+doi = "10.7554/eLife.11182",
+url = "https://doi.org/10.7554/eLife.11182",
+author = "Bai, Xiao-chen and Rajendra, Eeson and Yang, Guanghui and Shi, Yigong and Scheres, Sjors H. W."
+}
 """
