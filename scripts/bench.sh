@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The benchmark run by `make bench`. Edit the core commands here.
+# The benchmarks run by `make bench`: each prints its figures and the ratio to RELION
+# (when RELION's programs are installed).
 # Usage: scripts/bench.sh [PYTHON] [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-.venv/bin/python}"
 OUT="${2:-bench_out}"
+mkdir -p "$OUT"
 
-"$PY" -m hetplugin.core simulate --out "$OUT/sim" --classes 3 --particles 2000 \
-    --box 64 --pixel-size 3.0 --snr 0.3 --seed 2
-time "$PY" -m hetplugin.core reconstruct --particles "$OUT/sim/particles.star" \
-    --out "$OUT/rec" --truth "$OUT/sim/truth_class_001.mrc"
+"$PY" benchmarks/bench_core.py --boxes 64 128 256
+"$PY" benchmarks/bench_subtract.py --work "$OUT/subtract"
+"$PY" benchmarks/bench_multiclass.py --work "$OUT/multiclass"
