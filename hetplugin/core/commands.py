@@ -27,7 +27,8 @@ def log(msg: str) -> None:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that process particles."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or auto (default: $HETPLUGIN_DEVICE, else auto: CUDA when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=256, help="particles per batch (bounds memory)")
     p.add_argument("--root", default=None,

@@ -74,6 +74,10 @@ class MulticlassOptions:
                              "ask for fewer classes or a smaller minimum class size")
         if self.angular_step_deg <= 0 or self.iterations < 1:
             raise ValueError("angular step and iterations must be positive")
+        if self.n_classes > 1 and self.iterations <= self.alignment_iterations:
+            raise ValueError(f"{self.iterations} iterations leave none for classification after "
+                             f"{self.alignment_iterations} alignment iterations; ask for more iterations "
+                             "or fewer alignment iterations")
 
 
 @dataclass
@@ -444,7 +448,9 @@ class MulticlassRefiner:
             curves.append(curve)
             res = resolution_at(curve, 0.143, self.box, self.px)
             res_A.append(res)
-            best_shell = max(best_shell, self.box * self.px / res)
+            # the E-step marches out to where the class maps still carry signal (FSC 0.5) plus a
+            # margin: beyond it frequencies add cost, not information, to alignment and assignment
+            best_shell = max(best_shell, self.box * self.px / resolution_at(curve, 0.5, self.box, self.px))
         sigma2 = state.sigma2.copy()
         s2 = (s2_num / s2_den.clamp(min=1)).cpu().numpy()
         upd = s2_den.cpu().numpy() > 0
@@ -459,7 +465,7 @@ class MulticlassRefiner:
             new["cls"] = np.full(len(new["cls"]), -1)
         sizes = new["post"].sum(0)
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
-        r_next = float(np.clip(best_shell + 3.0, min(self.box * self.px / opt.initial_lowpass_A, self.r_limit),
+        r_next = float(np.clip(best_shell + 4.0, min(self.box * self.px / opt.initial_lowpass_A, self.r_limit),
                                self.r_limit))
         changed = float(np.mean(new["cls"] != state.classes)) if min(state.classes.min(), new["cls"].min()) >= 0 \
             else 1.0

@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=o.seed, help="random seed (same seed, same result)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="resume from the last finished iteration saved in OUT/state")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or auto (default: $HETPLUGIN_DEVICE, else auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=o.batch_size, help="particles per E-step batch (bounds memory)")
     p.add_argument("--root", default=None, help="folder that relative image paths are relative to")
@@ -114,13 +115,15 @@ def run(a: argparse.Namespace, log=print) -> MulticlassState:
         _save_state(out, state, key)
     if refiner.converged(state):
         log(f"multiclass: converged after iteration {state.iteration}")
-    write_results(out, table, state, ds.pixel_size_A, opt, log)
+    write_results(out, table, state, ds.pixel_size_A, opt, refiner.converged(state), log)
     ds.close()
     return state
 
 
 def _options_key(opt: MulticlassOptions, a: argparse.Namespace) -> str:
-    payload = json.dumps([dataclasses.asdict(opt), str(Path(a.particles).resolve()), list(a.reference), a.no_ctf],
+    # the number of iterations may grow between a run and its continuation
+    options = {k: v for k, v in dataclasses.asdict(opt).items() if k != "iterations"}
+    payload = json.dumps([options, str(Path(a.particles).resolve()), list(a.reference), a.no_ctf],
                          sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()
 
@@ -155,7 +158,7 @@ def _load_state(out: Path, key: str) -> MulticlassState | None:
 
 
 def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float, opt: MulticlassOptions,
-                  log=print) -> None:
+                  converged: bool = False, log=print) -> None:
     k = opt.n_classes
     for j in range(k):
         write_volume(out / f"class_{j + 1:03d}.mrc", state.maps[j], pixel_size_A)
@@ -179,7 +182,8 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
         if small:
             log(f"WARNING: class {j + 1} holds {sizes[j]} particles, below the minimum class size "
                 f"{opt.min_class_size}: its map over-fits noise; merge it or use fewer classes")
-    model = dict(n_particles=len(table), iterations=state.iteration, pixel_size_A=pixel_size_A,
+    model = dict(n_particles=len(table), iterations=state.iteration, converged=bool(converged),
+                 pixel_size_A=pixel_size_A,
                  options=dataclasses.asdict(opt), classes=classes, history=state.history)
     (out / "model.json").write_text(json.dumps(model, indent=1))
     (out / "history.json").write_text(json.dumps(state.history, indent=1))

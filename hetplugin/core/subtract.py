@@ -636,7 +636,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output stacks: float32, or float16 (half the disk)")
     p.add_argument("--ignore-class", action="store_true", help="with one map per class, use the first map for all")
     p.add_argument("--stack-size", type=int, default=o.stack_size, help="images per output stack file")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or auto (default: $HETPLUGIN_DEVICE, else auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=o.batch_size, help="particles per batch (bounds memory)")
     p.add_argument("--root", default=None, help="folder that relative image paths are relative to")

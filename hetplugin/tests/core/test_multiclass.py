@@ -62,7 +62,8 @@ def test_two_classes_from_one_reference_without_alignment(two_state, tmp_path):
     post = np.stack([found.columns["hetClassPosterior001"], found.columns["hetClassPosterior002"]], 1)
     assert np.allclose(post.sum(1), 1.0, atol=1e-4)
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 14 and history[0]["stage"] == "alignment"
+    assert 5 <= len(history) <= 14 and history[0]["stage"] == "alignment"
+    assert model["converged"] == (len(history) < 14)
 
 
 @pytest.mark.slow
