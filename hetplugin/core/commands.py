@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import multiclass_job
 from . import subtract as subtract_job

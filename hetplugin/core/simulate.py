@@ -142,6 +142,19 @@ def random_ctf(n: int, rng: np.random.Generator, defocus_range_um=(1.0, 2.5), vo
                      full(amplitude_contrast), full(0), full(0), full(1))
 
 
+def write_stacks(out: Path, images: np.ndarray, pixel_size_A: float, stack_size: int) -> tuple[list, list]:
+    """Write images (N, D, D) as ``particles_NNN.mrcs`` stacks of ``stack_size``; returns each
+    image's (absolute stack path, 1-based index)."""
+    paths, index = [], []
+    for s, start in enumerate(range(0, len(images), stack_size)):
+        name = out / f"particles_{s + 1:03d}.mrcs"
+        part = images[start:start + stack_size]
+        write_stack(name, part, pixel_size_A)
+        paths += [str(name.resolve())] * len(part)
+        index += list(range(1, len(part) + 1))
+    return paths, index
+
+
 def simulate(out_dir: str | Path, n_particles: int = 1000, n_classes: int = 2, box: int = 64,
              pixel_size_A: float = 2.0, snr: float = 0.1, seed: int = 0, heterogeneity: str = "motion",
              class_fractions: list[float] | None = None, volumes: np.ndarray | None = None,
@@ -181,13 +194,7 @@ def simulate(out_dir: str | Path, n_particles: int = 1000, n_classes: int = 2, b
     sigma = math.sqrt(signal_var / snr)
     noisy = clean + rng.normal(0.0, sigma, clean.shape).astype(np.float32)
 
-    paths, index = [], []
-    for s, start in enumerate(range(0, n_particles, stack_size)):
-        name = out / f"particles_{s + 1:03d}.mrcs"
-        part = noisy[start:start + stack_size]
-        write_stack(name, part, pixel_size_A)
-        paths += [str(name.resolve())] * len(part)
-        index += list(range(1, len(part) + 1))
+    paths, index = write_stacks(out, noisy, pixel_size_A, stack_size)
     rot, tilt, psi = matrix_to_euler(rots)
     common = dict(image_path=np.array(paths, dtype=object), image_index=np.array(index), pixel_size_A=pixel_size_A,
                   image_size=box)

@@ -29,9 +29,9 @@ import torch
 from .ctf import ctf_values
 from .fourier import half_plane_coords, irfft2_centered, rfft2_centered
 from .masks import soft_threshold_mask, spherical_mask
-from .mrc import write_stack, write_volume
+from .mrc import write_volume
 from .rotations import matrix_to_euler, random_rotations
-from .simulate import Phantom, move_domain, random_ctf, render
+from .simulate import Phantom, move_domain, random_ctf, render, write_stacks
 from .starfile import new_particle_table, write_particles
 
 
@@ -195,13 +195,7 @@ def simulate_subtraction(out_dir: str | Path, n_particles: int = 300, box: int =
         sigma = math.sqrt(float(clean[:, disc].var()) / snr)
         noise = rng.normal(0.0, sigma, clean.shape).astype(np.float32)
     images = clean + noise
-    paths, index = [], []
-    for s, start in enumerate(range(0, n_particles, stack_size)):
-        name = out / f"particles_{s + 1:03d}.mrcs"
-        part = images[start:start + stack_size]
-        write_stack(name, part, pixel_size_A)
-        paths += [str(name.resolve())] * len(part)
-        index += list(range(1, len(part) + 1))
+    paths, index = write_stacks(out, images, pixel_size_A, stack_size)
     rot, tilt, psi = matrix_to_euler(rots)
     table = new_particle_table(
         np.array(paths, dtype=object), np.array(index), pixel_size_A, box, rot_deg=rot, tilt_deg=tilt, psi_deg=psi,
