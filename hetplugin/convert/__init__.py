@@ -23,9 +23,13 @@ from .ctf import (ctf_to_relion, relion_to_ctf, acquisition_to_relion,
 from .particles import (write_particles_star, star_to_particle_set, update_particles,
                         ParticleUpdater)
 from .classes import create_volume, fill_volume_set, fill_classes, class_attribute
+from .images import (detect_format, is_mrc_format, readability_error, particles_to_mrc,
+                     volume_to_mrc, read_volume_any, SpiderFile, write_spider)
 
 __all__ = ["alignment_to_relion", "relion_to_alignment", "alignments_to_relion",
            "relion_to_alignments", "ctf_to_relion", "relion_to_ctf",
            "acquisition_to_relion", "relion_to_acquisition", "write_particles_star",
            "star_to_particle_set", "update_particles", "ParticleUpdater",
-           "create_volume", "fill_volume_set", "fill_classes", "class_attribute"]
+           "create_volume", "fill_volume_set", "fill_classes", "class_attribute",
+           "detect_format", "is_mrc_format", "readability_error", "particles_to_mrc",
+           "volume_to_mrc", "read_volume_any", "SpiderFile", "write_spider"]

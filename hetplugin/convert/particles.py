@@ -71,7 +71,7 @@ def _alignment_matrices(table, pixel_size_A) -> np.ndarray | None:
 
 # ----------------------------------------------------------------------------- Scipion -> STAR
 def write_particles_star(partSet, star_path, use_alignment: bool = True,
-                         use_ctf: bool = True) -> dict:
+                         use_ctf: bool = True, locations: dict | None = None) -> dict:
     """Write a Scipion ``SetOfParticles`` as a RELION 3.1 particle STAR file for the core.
 
     One optics group from the set (sampling rate, box, voltage, Cs, amplitude
@@ -83,6 +83,11 @@ def write_particles_star(partSet, star_path, use_alignment: bool = True,
     (when ``use_alignment`` and the set has it), ``rlnClassNumber`` when the
     particles carry class ids, ``rlnRandomSubset`` when they carry
     ``_rlnRandomSubset``. Disabled particles are left out.
+
+    ``locations`` (optional, e.g. from :func:`.images.particles_to_mrc`) maps
+    ``(filename, index)`` as ``Particle.getLocation()`` gives them to the
+    ``(path, index)`` written instead (converted MRC stacks); locations not in
+    it are written as they are. The set itself is not modified.
 
     Returns ``{'star_path', 'n_particles', 'pixel_size_A', 'image_size',
     'has_alignment', 'has_ctf', 'has_classes'}``.
@@ -110,6 +115,8 @@ def write_particles_star(partSet, star_path, use_alignment: bool = True,
         obj_id = p.getObjId()
         ids.append(obj_id)
         index, filename = p.getLocation()
+        if locations is not None:
+            filename, index = locations.get((filename, index), (filename, index))
         indices.append(index or 1)
         files.append(filename)
         if with_ctf:

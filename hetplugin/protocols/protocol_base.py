@@ -63,10 +63,12 @@ What lives here:
   *continue* re-runs the unfinished step);
 * **validation helpers** (each returns a list of messages): particles not
   empty, with CTF / 3D alignment when needed; boxes and pixel sizes of
-  particles, volumes and masks agree; masks in [0, 1]; file formats the core
-  reads (MRC); symmetry names;
-* **conversion**: :meth:`_convertParticles` (STAR, images not copied) and
-  :meth:`_volumeToMrc` (a link to the MRC file, never a copy).
+  particles, volumes and masks agree; masks in [0, 1]; files that can be read
+  (MRC directly; SPIDER with numpy or Xmipp's library; others with Xmipp's
+  library); symmetry names;
+* **conversion**: :meth:`_convertParticles` (STAR; MRC images not copied, other
+  formats converted to MRC stacks in ``extra/converted_particles/``) and
+  :meth:`_volumeToMrc` (a link to an MRC file, or the volume converted to MRC).
 
 Nothing here imports torch: the form, validation and the GUI stay light; CUDA
 only lives in the core process.
@@ -252,20 +254,70 @@ class ProtHetBase(EMProtocol):
     # --------------------------- conversion ----------------------------------
     def _convertParticles(self, particles, starKey='input_particles', use_alignment=True,
                           use_ctf=True):
-        """Write ``particles`` as the core's STAR file (images are not copied)."""
+        """Write ``particles`` as the core's STAR file.
+
+        MRC stacks are used where they are (not copied). Images in other formats
+        (SPIDER .stk/.spi, EMAN .hdf, ... single-image files, mixed stacks) are
+        converted to MRC stacks in ``extra/converted_particles/`` and the STAR
+        points at those; the input set is not modified, so outputs built from it
+        keep the original locations."""
         from hetplugin.convert import write_particles_star
+        from hetplugin.convert.images import particles_to_mrc
+        locations = None
+        if not self._allMrc(particles):
+            outDir = self._getExtraPath('converted_particles')
+            locations = particles_to_mrc(particles, outDir, log=self.info)
+            converted = sum(1 for k, v in locations.items() if k != v)
+            self.info('%d particle images converted to MRC in %s; %d used in place.'
+                      % (converted, outDir, len(locations) - converted))
         info = write_particles_star(particles, self._getFileName(starKey),
-                                    use_alignment=use_alignment, use_ctf=use_ctf)
+                                    use_alignment=use_alignment, use_ctf=use_ctf,
+                                    locations=locations)
         self.info('Wrote %(n_particles)d particles (box %(image_size)d, %(pixel_size_A).4f A/px, '
                   'alignment: %(has_alignment)s, CTF: %(has_ctf)s) to %(star_path)s' % info)
         return info
 
-    def _volumeToMrc(self, volume, linkPath):
-        """An MRC path for ``volume``: a link at ``linkPath`` to its MRC file.
+    @staticmethod
+    def _particleFiles(particles, limit=None):
+        """Distinct image files of a particle set (at most ``limit``), in id order."""
+        files = []
+        try:
+            values = particles.getUniqueValues('_filename')
+        except Exception:       # not a mapped set: iterate
+            values = None
+        if values is not None:
+            files = [f for f in values if f]
+        else:
+            seen = set()
+            for p in particles.iterItems():
+                f = p.getFileName()
+                if f not in seen:
+                    seen.add(f)
+                    files.append(f)
+                    if limit and len(files) >= limit:
+                        break
+        return files[:limit] if limit else files
 
-        Formats other than MRC are refused by :meth:`_validateFormats` (conversion
-        is not implemented yet); this raises the same message if reached."""
+    def _allMrc(self, particles):
+        from hetplugin.convert.images import is_mrc_format
+        return all(is_mrc_format(f) for f in self._particleFiles(particles))
+
+    def _volumeToMrc(self, volume, linkPath):
+        """An MRC path for ``volume``: a link at ``linkPath`` to its MRC file, or,
+        for other formats (SPIDER .vol/.spi, .hdf, a volume inside a stack), the
+        volume converted to the MRC file ``linkPath``."""
+        from hetplugin.convert.images import is_mrc_format, readability_error, volume_to_mrc
         path = volume.getFileName()
+        index = volume.getIndex() if hasattr(volume, 'getIndex') else None
+        if (not isMrcPath(path) and not is_mrc_format(path)) or (index and index > 1):
+            error = readability_error(path)
+            if error:
+                raise ValueError('The volume %s cannot be read: %s' % (path, error))
+            if os.path.lexists(linkPath):
+                os.remove(linkPath)
+            self.info('Converting %s (volume %s) to MRC: %s' % (path, index or 1, linkPath))
+            volume_to_mrc(path, linkPath, pixel_size=volume.getSamplingRate(), index=index)
+            return linkPath
         error = self._formatError(volume, 'volume')
         if error:
             raise ValueError(error)
@@ -288,12 +340,16 @@ class ProtHetBase(EMProtocol):
         if not particles.getSize():
             errors.append('The input %s set is empty.' % label)
         else:
-            first = particles.getFirstItem().getFileName()
-            if not isMrcPath(first):
-                ext = os.path.splitext(stripSuffix(first))[1] or 'no extension'
-                errors.append('The input %s are stored as %s files (%s): hetplugin reads only MRC '
-                              'stacks (.mrcs, .mrc) for now; convert them first.'
-                              % (label, ext, first))
+            # Non-MRC images are converted in convertInputStep; refuse only what cannot be read
+            # (a few distinct files are checked: headers only).
+            from hetplugin.convert.images import is_mrc_format, readability_error
+            for path in self._particleFiles(particles, limit=20):
+                if is_mrc_format(path):
+                    continue
+                error = readability_error(path)
+                if error:
+                    errors.append('The input %s cannot be read: %s' % (label, error))
+                    break
         if needCtf and not particles.hasCTF():
             errors.append('The input %s have no CTF information, but CTF correction is '
                           'asked for: estimate and assign CTFs first, or set '
@@ -335,19 +391,21 @@ class ProtHetBase(EMProtocol):
         return errors
 
     def _formatError(self, volume, label):
-        """Message when the core cannot read ``volume``'s file (None when it can)."""
+        """Message when ``volume``'s file cannot be read (None when it can).
+
+        MRC files are read in place; other formats (SPIDER, ...) and volumes inside
+        stacks are converted to MRC in convertInputStep when readable."""
+        from hetplugin.convert.images import is_mrc_format, readability_error
         path = volume.getFileName()
-        index = volume.getIndex() if hasattr(volume, 'getIndex') else None
-        if not isMrcPath(path):
-            ext = os.path.splitext(stripSuffix(path))[1] or 'no extension'
-            return ('The %s %s is in a format (%s) that hetplugin does not read yet: only MRC '
-                    '(.mrc, .map, .mrcs) volumes are supported. Convert it to MRC first.'
-                    % (label, path, ext))
-        if index and index > 1:
-            return ('The %s is volume %d inside the stack %s: volumes inside stacks are not '
-                    'supported yet; extract it to its own MRC file.' % (label, index, path))
+        if not path:
+            return 'The %s has no file.' % label
         if not os.path.exists(stripSuffix(path)):
             return 'The %s file %s does not exist.' % (label, path)
+        if isMrcPath(path) or is_mrc_format(path):
+            return None
+        error = readability_error(path)
+        if error:
+            return 'The %s cannot be read: %s' % (label, error)
         return None
 
     def _validateFormats(self, labelled):
@@ -357,10 +415,15 @@ class ProtHetBase(EMProtocol):
 
     @staticmethod
     def _maskRange(path):
-        """(min, max) of an MRC mask, read with mrcfile (memory-mapped)."""
-        import mrcfile
-        with mrcfile.mmap(stripSuffix(path), mode='r', permissive=True) as m:
-            return float(m.data.min()), float(m.data.max())
+        """(min, max) of a mask: MRC read with mrcfile (memory-mapped), other formats
+        with :func:`hetplugin.convert.images.read_volume_any`."""
+        from hetplugin.convert.images import is_mrc_format, read_volume_any
+        if isMrcPath(path) or is_mrc_format(path):
+            import mrcfile
+            with mrcfile.mmap(stripSuffix(path), mode='r', permissive=True) as m:
+                return float(m.data.min()), float(m.data.max())
+        data = read_volume_any(path)
+        return float(data.min()), float(data.max())
 
     def _validateMask(self, mask, label='mask'):
         """Mask values in [0, 1] and not empty."""

@@ -361,16 +361,20 @@ class TestMulticlassValidation(_ProjectTest):
         prot.referenceMask.setExtended('outputMask')
         self.assertMessage(prot.validate(), 'values must lie in [0, 1]')
 
-    def test_unsupported_format(self):
-        """Maps the core cannot read yet are refused with the format named."""
+    def test_non_mrc_volume_accepted_missing_refused(self):
+        """A readable SPIDER map is accepted (it is converted); a missing one is refused by name."""
+        import numpy as np
         from pwem.objects import Volume
+        from hetplugin.convert.images import write_spider
         from hetplugin.protocols.protocol_base import isMrcPath
         self.assertTrue(isMrcPath('a/b.mrc:mrc') and isMrcPath('b.map') and isMrcPath('1@s.mrcs'))
         self.assertFalse(isMrcPath('b.spi') or isMrcPath('b.vol:spi'))
         prot = self.newMulticlass(self.protParticles, self.protVolume)
-        message = prot._formatError(Volume(location=os.path.join(self.dataDir, 'map.spi')),
-                                    'reference volume')
-        self.assertIn('format (.spi) that hetplugin does not read yet', message)
+        missing = os.path.join(self.dataDir, 'missing_map.spi')
+        self.assertIn('does not exist', prot._formatError(Volume(location=missing), 'reference volume'))
+        readable = os.path.join(self.dataDir, 'map_ok.spi')
+        write_spider(readable, np.zeros((8, 8, 8), np.float32))
+        self.assertIsNone(prot._formatError(Volume(location=readable), 'reference volume'))
 
     def test_form(self):
         """Every param has a label and help; conditions evaluate; expert params exist."""

@@ -107,3 +107,17 @@ def test_bad_input_is_refused_before_work(two_state, tmp_path, capsys):
     assert main(["multiclass", "--particles", str(two_state / "particles.star"), "--reference",
                  str(tmp_path / "small.mrc"), "--out", str(tmp_path / "y")]) == 2
     assert "differs from the particles' box" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_three_classes(tmp_path):
+    sim = tmp_path / "sim"
+    simulate(sim, n_particles=900, n_classes=3, box=32, pixel_size_A=4.0, snr=1.0, seed=6,
+             heterogeneity="removal", with_alignment=False, log=lambda m: None)
+    assert main(["multiclass", "--particles", str(sim / "particles.star"), "--reference", str(sim / "consensus.mrc"),
+                 "--out", str(tmp_path / "mc"), "--classes", "3", "--initial-lowpass", "30", "--min-class-size", "5",
+                 "--iterations", "16", "--threads", "2"]) == 0
+    found = read_particles(tmp_path / "mc" / "particles.star")
+    truth = read_particles(sim / "truth_particles.star")
+    assert best_accuracy(found.class_number, truth.class_number, 3) >= 0.85
+    assert adjusted_rand_index(found.class_number, truth.class_number) >= 0.6
