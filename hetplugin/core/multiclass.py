@@ -394,7 +394,10 @@ class MulticlassRefiner:
         new["maxp"][rows_np] = vals[:, 0].double().cpu().numpy()
         new["nsig"][rows_np] = keep.sum(1).cpu().numpy()
         new["evid"][rows_np] = res["evidence"].double().cpu().numpy()
-        ll = res["total"] - 0.5 * ((x.abs() ** 2) * weight).sum(1)
+        # full Gaussian log-likelihood (with its normalisation, so that values stay comparable when
+        # the noise spectrum is re-estimated): per complex coefficient -|d|^2/s2 - log(pi s2)
+        norm = 0.5 * (herm * torch.log(math.pi * herm / weight)).sum()
+        ll = res["total"] - 0.5 * ((x.abs() ** 2) * weight).sum(1) - norm
         new["ll"][rows_np] = ll.double().cpu().numpy()
         # residual power at the best pose, for the noise spectrum
         best_proj = res["projs"][torch.arange(b), best_j, t_idx[:, 0], l_idx[:, 0]]

@@ -121,3 +121,22 @@ def test_three_classes(tmp_path):
     truth = read_particles(sim / "truth_particles.star")
     assert best_accuracy(found.class_number, truth.class_number, 3) >= 0.85
     assert adjusted_rand_index(found.class_number, truth.class_number) >= 0.6
+
+
+def test_log_likelihood_does_not_decrease_within_a_stage(tmp_path):
+    """At a fixed frequency limit EM never lowers the log-likelihood; it only drops where the
+    classes are split (a random split with a fresh noise estimate)."""
+    sim = tmp_path / "sim"
+    simulate(sim, n_particles=300, n_classes=2, box=32, pixel_size_A=4.0, snr=1.0, seed=4,
+             heterogeneity="removal", with_alignment=False, log=lambda m: None)
+    assert main(["multiclass", "--particles", str(sim / "particles.star"), "--reference", str(sim / "consensus.mrc"),
+                 "--out", str(tmp_path / "mc"), "--classes", "2", "--initial-lowpass", "16",
+                 "--resolution-limit", "16", "--iterations", "10", "--min-class-size", "5", "--threads", "2"]) == 0
+    history = json.loads((tmp_path / "mc" / "history.json").read_text())
+    align = [h["loglik"] for h in history if h["stage"] == "alignment"][1:]
+    classify = [h["loglik"] for h in history if h["stage"] == "classification"][1:]
+    assert len(align) >= 2 and len(classify) >= 3
+    for values in (align, classify):
+        steps = np.diff(values) / np.abs(values[:-1])
+        assert np.all(steps > -1e-4), values
+    assert classify[-1] > align[-1]
