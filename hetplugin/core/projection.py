@@ -35,8 +35,33 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 def volume_from_ft(volume_ft: torch.Tensor, box: int, pad: int = 2) -> torch.Tensor:
     """Padded centred transform (P, P, P) -> real cube (D, D, D), undoing the gridding correction."""
-    real = ifftn_centered(volume_ft, (-3, -2, -1)).real
-    return crop_volume(real, box) / gridding_correction(box, pad, real.device, real.dtype)
+    size = volume_ft.shape[-1]
+    if size % 2 or volume_ft.shape[-3:] != (size,) * 3:
+        real = ifftn_centered(volume_ft, (-3, -2, -1)).real
+        return crop_volume(real, box) / gridding_correction(box, pad, real.device, real.dtype)
+    # even P: fftshift(ifftn(ifftshift(X)))[n] = (-1)^(n+P/2) ifftn(X (-1)^k)[n] per axis,
+    # so two checkerboard sign flips replace both shifts (exact: only signs change)
+    sign = (-1.0) ** (3 * (size // 2) % 2)
+    modulated = volume_ft * _checkerboard(size, volume_ft.device, volume_ft.real.dtype)
+    return _crop_real_centered(torch.fft.ifftn(modulated, dim=(-3, -2, -1)), box, pad, sign)
+
+
+def _checkerboard(size: int, device, dtype, start: int = 0) -> torch.Tensor:
+    """(-1)^(i+j+k) over indices start..start+size-1 on each axis, shape (size, size, size)."""
+    s = 1.0 - 2.0 * ((torch.arange(size, device=device) + start) % 2).to(dtype)
+    return s[:, None, None] * s[None, :, None] * s[None, None, :]
+
+
+def _crop_real_centered(raw: torch.Tensor, box: int, pad: int, sign: float = 1.0) -> torch.Tensor:
+    """Real central (D, D, D) of ``raw`` = ifftn(X (-1)^(i+j+k)) times sign * (-1)^(n1+n2+n3), divided by the
+    gridding correction: with sign = (-1)^(3P/2), ``crop_volume(ifftn_centered(X).real, box) / gc``."""
+    size = raw.shape[-1]
+    start = size // 2 - box // 2
+    real = raw.real[..., start:start + box, start:start + box, start:start + box]
+    flip = _checkerboard(box, real.device, real.dtype, start)
+    if sign < 0:
+        flip = flip.neg_()
+    return real * flip / gridding_correction(box, pad, real.device, real.dtype)
 
 
 def frequency_mask(box: int, r_max: float | None = None) -> np.ndarray:
@@ -100,19 +125,38 @@ def backproject_ft(values: torch.Tensor, rotations: torch.Tensor, coords: torch.
     idx, w = _corners(rot, coords, pad, size)
     if out is None:
         out = torch.zeros((size,) * 3, dtype=values.dtype, device=values.device)
-    if values.is_complex():
-        src = torch.view_as_real(values.reshape(-1))[None] * w[..., None].to(out.real.dtype)
-        torch.view_as_real(out.reshape(-1)).index_add_(0, idx.reshape(-1), src.reshape(-1, 2))
-    else:
-        out.reshape(-1).index_add_(0, idx.reshape(-1), (values.reshape(-1)[None] * w.to(values.dtype)).reshape(-1))
+    _scatter(values, idx, w, out)
     return out
+
+
+def _scatter(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out.flat[idx] += values * w for (R, M) values and (8, R*M) corner indices/weights from :func:`_corners`."""
+    flat = out.view(-1)
+    w = w.to(out.real.dtype if out.is_complex() else out.dtype)
+    if values.is_complex():
+        # a complex index_add_ (one element per index) is much faster than one into the
+        # (N, 2) view_as_real layout (rows of two); same additions in the same order
+        src = torch.view_as_real(values.reshape(-1))[None] * w[..., None]
+        flat.index_add_(0, idx.reshape(-1), torch.view_as_complex(src.reshape(-1, 2)))
+    else:
+        flat.index_add_(0, idx.reshape(-1), (values.reshape(-1)[None] * w.to(values.dtype)).reshape(-1))
 
 
 def hermitian_symmetrize(grid: torch.Tensor) -> torch.Tensor:
     """grid(q) + conj(grid(-q)) on a centred even grid (P, P, P): completes half-plane backprojections."""
-    dims = (-3, -2, -1)
-    mirrored = torch.roll(torch.flip(grid, dims), shifts=(1, 1, 1), dims=dims)
-    return grid + (mirrored.conj() if grid.is_complex() else mirrored)
+    # the mirror of index i is (P - i) mod P: index 0 maps onto itself, 1..P-1 onto P-1..1,
+    # so each of the 8 blocks {0, 1:}^3 is a flip of itself (one copy instead of flip + roll)
+    out = torch.empty_like(grid)
+    parts = (slice(0, 1), slice(1, None))
+    for a in (0, 1):
+        for b in (0, 1):
+            for c in (0, 1):
+                region = (..., parts[a], parts[b], parts[c])
+                dims = [d for d, f in zip((-3, -2, -1), (a, b, c)) if f]
+                src = grid[region]
+                mirrored = torch.flip(src, dims) if dims else src
+                torch.add(src, mirrored.conj() if grid.is_complex() else mirrored, out=out[region])
+    return out
 
 
 def project_images(volume: torch.Tensor, rotations: torch.Tensor, origins_px: torch.Tensor | None = None,

@@ -9,11 +9,13 @@ floor. Images are given as half-plane transforms on the frequencies selected by
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
-from .fourier import half_plane_coords, pad_ft_grid, radius
-from .projection import backproject_ft, frequency_mask, hermitian_symmetrize, volume_from_ft
+from .fourier import half_plane_coords, pad_ft_grid
+from .projection import _corners, _crop_real_centered, _scatter, frequency_mask, hermitian_symmetrize
 
 
 class Backprojector:
@@ -57,9 +59,11 @@ class Backprojector:
             vals, wts = images_ft * w, w
         else:
             vals, wts = images_ft * (ctf * w), ctf * ctf * w
-        rot = rotations.to(device=self.device, dtype=self.dtype)
-        backproject_ft(vals.to(self.data.dtype), rot, coords, self.size, self.pad, out=self.data)
-        backproject_ft(wts.contiguous(), rot, coords, self.size, self.pad, out=self.weight)
+        rot = rotations.to(device=self.device, dtype=self.dtype).to(dtype=coords.dtype)
+        # the same interpolation corners serve the data and the weight grids
+        idx, cw = _corners(rot, coords, self.pad, self.size)
+        _scatter(vals.to(self.data.dtype), idx, cw, self.data)
+        _scatter(wts.contiguous(), idx, cw, self.weight)
 
     def add(self, other: "Backprojector") -> None:
         """Sum another accumulator into this one (e.g. per-batch or per-rank partial sums)."""
@@ -73,32 +77,66 @@ class Backprojector:
             data, weight = symmetrize_grids(data, weight, symmetry)
         return data, weight
 
-    def shell_radius(self) -> torch.Tensor:
-        """Radius of every padded-grid voxel in D-box index units (P, P, P)."""
-        return torch.as_tensor(radius((self.size,) * 3) / self.pad, dtype=self.dtype, device=self.device)
-
     def reconstruct(self, snr_per_shell: np.ndarray | None = None, tau2_fudge: float = 1.0,
                     symmetry: np.ndarray | None = None, floor_fraction: float = 1e-3) -> torch.Tensor:
         """Real (D, D, D) map. ``snr_per_shell`` (D//2+1,) gives the Wiener term; without it a small floor."""
-        data, weight = self.grids(symmetry)
-        r = self.shell_radius()
+        data, weight = self.grids(symmetry)  # fresh tensors: modified in place below
+        size = self.size
         n_shells = self.box // 2 + 1
-        shells = torch.round(r).long().clamp_(max=n_shells - 1)
-        flat_w = weight.reshape(-1)
-        flat_s = shells.reshape(-1)
-        inside = flat_w > 0
-        sums = torch.zeros(n_shells, dtype=self.dtype, device=self.device).index_add_(0, flat_s[inside], flat_w[inside])
-        counts = torch.zeros(n_shells, dtype=self.dtype, device=self.device).index_add_(
-            0, flat_s[inside], torch.ones_like(flat_w[inside]))
+        # per-voxel quantities depend only on the squared radius r2 = x^2 + y^2 + z^2 (integer):
+        # small look-up tables replace the (P, P, P) radius grid; the grids go through in z-slabs
+        shell_of, sign_of, z2, yx2 = _shell_tables(size, self.pad, n_shells, self.grid_box / 2 - 1 + 1e-6,
+                                                   str(self.device), self.dtype)
+        step = max(1, (1 << 22) // (size * size))
+        slabs = [(z0, min(size, z0 + step)) for z0 in range(0, size, step)]
+
+        def r2_of(z0, z1):
+            return (z2[z0:z1, None, None] + yx2[None]).reshape(-1)
+
+        sums = torch.zeros(n_shells, dtype=self.dtype, device=self.device)
+        counts = torch.zeros(n_shells, dtype=self.dtype, device=self.device)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        for z0, z1 in slabs:  # same additions in the same order as over the whole grid (plus zeros)
+            s = shell_of[r2_of(z0, z1)]
+            w = weight[z0:z1].reshape(-1)
+            inside = w > 0
+            sums.index_add_(0, s, torch.where(inside, w, zero))
+            counts.index_add_(0, s, inside.to(self.dtype))
         mean_w = sums / counts.clamp(min=1)
         reg = floor_fraction * mean_w
         if snr_per_shell is not None:
             snr = torch.as_tensor(np.asarray(snr_per_shell), dtype=self.dtype, device=self.device)[:n_shells]
             reg = torch.maximum(reg, mean_w / (tau2_fudge * snr.clamp(min=1e-6)))
-        denom = weight + reg[shells]
-        ft = torch.where(weight > 0, data / denom, torch.zeros_like(data))
-        ft = torch.where(r <= self.grid_box / 2 - 1 + 1e-6, ft, torch.zeros_like(ft))
-        return volume_from_ft(pad_ft_grid(ft, self.pad * self.box), self.box, self.pad)
+        reg_of = reg[shell_of]
+        inf = torch.tensor(float("inf"), dtype=self.dtype, device=self.device)
+        for z0, z1 in slabs:
+            r2 = r2_of(z0, z1)
+            w = weight[z0:z1].reshape(-1)
+            sg = sign_of[r2]  # (-1)^r2 inside the frequency limit, 0 outside
+            denom = (w + reg_of[r2]).mul_(sg)  # sign flips are exact
+            # zero where there is no weight or beyond the limit: x / inf = 0
+            denom = torch.where((w > 0) & (sg != 0), denom, inf)
+            d = torch.view_as_real(data[z0:z1]).view(-1, 2)
+            d.div_(denom[:, None])  # complex / real, component-wise
+        # data now holds ft * (-1)^(x+y+z) (centred coordinates): the checkerboard replaces the
+        # ifftshift, and on the (even) padded box the output sign replaces the fftshift
+        ft = pad_ft_grid(data, self.pad * self.box)
+        return _crop_real_centered(torch.fft.ifftn(ft, dim=(-3, -2, -1)), self.box, self.pad)
+
+
+@lru_cache(maxsize=8)
+def _shell_tables(size: int, pad: int, n_shells: int, limit: float, device: str, dtype: torch.dtype):
+    """Look-up tables over r2 = x^2 + y^2 + z^2 of a centred (P, P, P) grid: the shell index
+    round(sqrt(r2) / pad) (clamped to n_shells - 1) and (-1)^r2 where sqrt(r2) / pad <= limit (0 beyond);
+    with z^2 (P,) and y^2 + x^2 (P, P) as int64."""
+    dev = torch.device(device)
+    half = size // 2
+    r = torch.as_tensor(np.sqrt(np.arange(3 * half * half + 1, dtype=np.float64)) / pad, dtype=dtype, device=dev)
+    shell_of = torch.round(r).long().clamp_(max=n_shells - 1)
+    parity = torch.arange(len(r), device=dev) % 2
+    sign_of = torch.where(r <= limit, 1.0 - 2.0 * parity.to(dtype), torch.zeros((), dtype=dtype, device=dev))
+    ax2 = (torch.arange(size, device=dev) - half) ** 2
+    return shell_of, sign_of, ax2, ax2[:, None] + ax2[None, :]
 
 
 def symmetrize_grids(data: torch.Tensor, weight: torch.Tensor, symmetry: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
