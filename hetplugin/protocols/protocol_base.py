@@ -31,13 +31,10 @@ protocol (e.g. signal subtraction) is written like this::
         def _filenameTemplates(self):           # extra working files, on top of the base ones
             return {'out_particles': 'subtracted.star'}
 
-        def _insertAllSteps(self):
-            self._createFilenameTemplates()
-            self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-            self._insertFunctionStep(self.runCoreStep, json.dumps(self._coreOptions()))
-            self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        # _insertAllSteps comes from the base: convertInputStep(signature) -> runCoreStep(options)
+        # -> createOutputStep, with _inputSignature() and _coreOptions() defined here
 
-        def convertInputStep(self):
+        def convertInputStep(self, _signature):
             self._convertParticles(self.inputParticles.get(), use_alignment=True)
             self._volumeToMrc(self.inputVolume.get(), self._getFileName('input_reference', ref=1))
 
@@ -178,6 +175,16 @@ class ProtHetBase(EMProtocol):
         """Path of a working file by template key (``'model'``, ``'class_map'``, ...)."""
         self._createFilenameTemplates()
         return self._getFileName(key, **kwargs)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertAllSteps(self):
+        """convertInputStep -> runCoreStep -> createOutputStep. The steps' arguments are the
+        input signature and the core options, so a continued run redoes a step whose inputs or
+        options changed."""
+        self._createFilenameTemplates()
+        self._insertFunctionStep(self.convertInputStep, self._inputSignature(), needsGPU=False)
+        self._insertFunctionStep(self.runCoreStep, json.dumps(self._coreOptions(), sort_keys=True))
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     # --------------------------- running the core -----------------------------
     def _getDevice(self):

@@ -177,13 +177,6 @@ class ProtMulticlassRefine(ProtHetBase):
                 'model': 'model.json',
                 'history': 'history.json'}
 
-    # --------------------------- INSERT steps functions ----------------------
-    def _insertAllSteps(self):
-        self._createFilenameTemplates()
-        self._insertFunctionStep(self.convertInputStep, self._inputSignature(), needsGPU=False)
-        self._insertFunctionStep(self.runCoreStep, json.dumps(self._coreOptions(), sort_keys=True))
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
-
     # --------------------------- STEPS functions -----------------------------
     def convertInputStep(self, _signature):
         """Particles -> input_particles.star; references and mask -> MRC links."""

@@ -190,13 +190,6 @@ class ProtSignalSubtract(ProtHetBase):
                 'summary': 'subtract.json',
                 'reverted_particles': 'particles_reverted.star'}
 
-    # --------------------------- INSERT steps functions ----------------------
-    def _insertAllSteps(self):
-        self._createFilenameTemplates()
-        self._insertFunctionStep(self.convertInputStep, self._inputSignature(), needsGPU=False)
-        self._insertFunctionStep(self.runCoreStep, json.dumps(self._coreOptions(), sort_keys=True))
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
-
     # --------------------------- STEPS functions -----------------------------
     def convertInputStep(self, _signature):
         """Particles -> input_particles.star; maps and mask -> MRC links (subtract mode);
