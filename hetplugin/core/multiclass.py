@@ -62,6 +62,7 @@ class MulticlassOptions:
     batch_size: int = 64
     max_significant: int = 32
     anneal_iterations: int | None = None
+    classification_frequency_cap: bool = True
     anneal_spread: float = 2.0
     stop_change_fraction: float = 0.002
 
@@ -468,6 +469,10 @@ class MulticlassRefiner:
             new["cls"] = np.full(len(new["cls"]), -1)
         sizes = new["post"].sum(0)
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
+        if k_cls > 1 and opt.classification_frequency_cap:
+            # classification gains nothing from frequencies where the classes do not differ
+            # reproducibly: cap the E-step where the half-sets' class-difference maps decorrelate
+            best_shell = min(best_shell, self._difference_shell(raw, r_cur))
         r_next = float(np.clip(best_shell + 4.0, min(self.box * self.px / opt.initial_lowpass_A, self.r_limit),
                                self.r_limit))
         changed = float(np.mean(new["cls"] != state.classes)) if min(state.classes.min(), new["cls"].min()) >= 0 \
@@ -489,6 +494,17 @@ class MulticlassRefiner:
             max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], evidence=new["evid"],
             resolution_A=np.array(res_A), fsc_curves=np.stack(curves), one_reference=state.one_reference,
             history=state.history + [entry])
+
+    def _difference_shell(self, raw: list, r_cur: float) -> float:
+        """Shell (index units) where the FSC between the two half-sets' class-deviation maps
+        (each class minus the mean of the classes) falls below 0.143, the highest over classes."""
+        mean = [np.mean([r[h] for r in raw], axis=0) for h in (0, 1)]
+        shell = 0.0
+        for r in raw:
+            curve = fsc((r[0] - mean[0]) * self.fsc_mask, (r[1] - mean[1]) * self.fsc_mask)
+            curve[np.arange(len(curve)) > r_cur] = 0.0
+            shell = max(shell, self.box * self.px / resolution_at(curve, 0.143, self.box, self.px))
+        return shell
 
     def converged(self, state: MulticlassState) -> bool:
         """Class assignments and orientations stopped changing and the resolution stopped improving."""

@@ -63,7 +63,7 @@ def test_two_classes_from_one_reference_without_alignment(two_state, tmp_path):
     assert np.allclose(post.sum(1), 1.0, atol=1e-4)
     history = json.loads((out / "history.json").read_text())
     assert 5 <= len(history) <= 14 and history[0]["stage"] == "alignment"
-    assert model["converged"] == (len(history) < 14)
+    assert model["converged"] or len(history) == 14
 
 
 @pytest.mark.slow
