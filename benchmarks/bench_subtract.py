@@ -236,7 +236,7 @@ def main() -> None:
     if not relion:
         print("relion_particle_subtract / relion_refine not found: only our figures are printed")
     tmp = None if a.work else tempfile.TemporaryDirectory()
-    work = Path(a.work or tmp.name)
+    work = Path(a.work or tmp.name).resolve()
     print(f"torch {torch.__version__}, {a.threads} thread(s) (RELION: {a.threads} process(es)), "
           f"{os.cpu_count()} CPUs on this machine, load average {os.getloadavg()[0]:.1f}")
     rows = []
