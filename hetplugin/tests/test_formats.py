@@ -21,8 +21,8 @@ import pytest
 
 from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticles
-from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
 
+from hetplugin.tests.scipion_imports import ImportHelpers
 from hetplugin.convert import star_to_particle_set, write_particles_star
 from hetplugin.convert.images import (SpiderFile, detect_format, is_mrc_format, particles_to_mrc,
                                       read_images, readability_error, volume_to_mrc, write_spider,
@@ -161,8 +161,9 @@ def _images_by_id(particles, star):
         return np.asarray(t.columns['rlnImageId'])[order], reader.read(order)
 
 
-class TestFormatsInProtocols(BaseTest):
+class TestFormatsInProtocols(ImportHelpers, BaseTest):
     """The same particles / map / mask in MRC, SPIDER and mixed layouts -> the same subtraction."""
+    pixelSize = PIXEL
 
     @classmethod
     def setUpClass(cls):
@@ -215,29 +216,6 @@ class TestFormatsInProtocols(BaseTest):
     @classmethod
     def tearDownClass(cls):
         os.chdir(cls._cwd)
-
-    @classmethod
-    def importParticles(cls, sqlite, label):
-        prot = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                               sqliteFile=sqlite, samplingRate=PIXEL, voltage=300.0, sphericalAberration=2.7,
-                               amplitudeContrast=0.1, magnification=50000)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def importVolume(cls, path, label):
-        prot = cls.newProtocol(ProtImportVolumes, filesPath=path, samplingRate=PIXEL)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def importMask(cls, path, label):
-        prot = cls.newProtocol(ProtImportMask, maskPath=path, samplingRate=PIXEL)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
 
     def subtract(self, particles, volume, mask, label):
         prot = self.newProtocol(ProtSignalSubtract, maskMeaning=0, doRecentre=False, newBoxSize=-1,

@@ -24,9 +24,10 @@ import numpy as np
 from pyworkflow.object import Pointer
 from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticles
-from pwem.protocols import (ProtImportMask, ProtImportParticles, ProtImportVolumes,
+from pwem.protocols import (ProtImportMask, ProtImportParticles,
                             ProtSubSet)
 
+from hetplugin.tests.scipion_imports import ImportHelpers
 from hetplugin.convert import star_to_particle_set
 from hetplugin.core.simulate import simulate
 from hetplugin.core.starfile import read_particles
@@ -81,8 +82,9 @@ def compact_ranges(ids):
     return ','.join(parts)
 
 
-class _ProjectTest(BaseTest):
+class _ProjectTest(ImportHelpers, BaseTest):
     """A test project per class; the working directory is restored afterwards."""
+    pixelSize = PIXEL
 
     @classmethod
     def setUpClass(cls):
@@ -93,23 +95,6 @@ class _ProjectTest(BaseTest):
     @classmethod
     def tearDownClass(cls):
         os.chdir(cls._cwd)
-
-    @classmethod
-    def importParticles(cls, sqlite, label):
-        prot = cls.newProtocol(ProtImportParticles,
-                               importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                               sqliteFile=sqlite, samplingRate=PIXEL, voltage=300.0,
-                               sphericalAberration=2.7, amplitudeContrast=0.1, magnification=50000)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def importVolume(cls, path, label):
-        prot = cls.newProtocol(ProtImportVolumes, filesPath=path, samplingRate=PIXEL)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
 
     @classmethod
     def newMulticlass(cls, particlesProt, volumeProt, particlesName='outputParticles',

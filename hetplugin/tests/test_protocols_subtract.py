@@ -20,8 +20,8 @@ import torch
 from pyworkflow.object import RELATION_TRANSFORM
 from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticles, SetOfVolumes, Volume, VolumeMask
-from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
 
+from hetplugin.tests.scipion_imports import ImportHelpers
 from hetplugin.convert import star_to_particle_set, write_particles_star
 from hetplugin.core.dataset import ParticleDataset
 from hetplugin.core.fourier import crop_volume, fftn_centered, ifftn_centered, radius
@@ -71,7 +71,9 @@ def open_set(sqlite):
     return parts
 
 
-class TestSignalSubtract(BaseTest):
+class TestSignalSubtract(ImportHelpers, BaseTest):
+    pixelSize = PIXEL
+
     @classmethod
     def setUpClass(cls):
         cls._cwd = os.getcwd()
@@ -92,31 +94,6 @@ class TestSignalSubtract(BaseTest):
         os.chdir(cls._cwd)
 
     # ---------------------------------------------------------------- helpers
-    @classmethod
-    def importParticles(cls, sqlite, label):
-        prot = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                               sqliteFile=sqlite, samplingRate=PIXEL, voltage=300.0, sphericalAberration=2.7,
-                               amplitudeContrast=0.1, magnification=50000)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def importVolume(cls, path, label, pattern=False):
-        kwargs = dict(filesPath=os.path.dirname(path), filesPattern=os.path.basename(path)) if pattern \
-            else dict(filesPath=path)
-        prot = cls.newProtocol(ProtImportVolumes, samplingRate=PIXEL, **kwargs)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def importMask(cls, path, label):
-        prot = cls.newProtocol(ProtImportMask, maskPath=path, samplingRate=PIXEL)
-        prot.setObjLabel(label)
-        cls.launchProtocol(prot)
-        return prot
-
     @classmethod
     def newSubtract(cls, particles=None, volume=None, volumeName='outputVolume', mask=None, **kwargs):
         values = dict(maskMeaning=0, doRecentre=True, newBoxSize=NEW_BOX, numberOfThreads=1, useGpu=False)

@@ -1,0 +1,37 @@
+"""Import protocols shared by the Scipion integration tests (no mocks: real import runs).
+
+Mix ``ImportHelpers`` into a ``pyworkflow.tests.BaseTest`` class and set ``pixelSize``.
+"""
+import os
+
+from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
+
+
+class ImportHelpers:
+    """Class methods that launch Scipion's import protocols in the test project."""
+    pixelSize = None
+
+    @classmethod
+    def _launchImport(cls, protClass, label, **kwargs):
+        prot = cls.newProtocol(protClass, samplingRate=cls.pixelSize, **kwargs)
+        prot.setObjLabel(label)
+        cls.launchProtocol(prot)
+        return prot
+
+    @classmethod
+    def importParticles(cls, sqlite, label):
+        """A SetOfParticles sqlite with CTF and alignment, imported as it is (IMPORT_FROM_SCIPION)."""
+        return cls._launchImport(ProtImportParticles, label, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                                 sqliteFile=sqlite, voltage=300.0, sphericalAberration=2.7,
+                                 amplitudeContrast=0.1, magnification=50000)
+
+    @classmethod
+    def importVolume(cls, path, label, pattern=False):
+        """One volume file, or with ``pattern`` every file matching a glob (a SetOfVolumes)."""
+        where = dict(filesPath=os.path.dirname(path), filesPattern=os.path.basename(path)) if pattern \
+            else dict(filesPath=path)
+        return cls._launchImport(ProtImportVolumes, label, **where)
+
+    @classmethod
+    def importMask(cls, path, label):
+        return cls._launchImport(ProtImportMask, label, maskPath=path)
