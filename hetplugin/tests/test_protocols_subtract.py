@@ -15,16 +15,15 @@ hetplugin.tests.test_protocols_subtract`` both run it.
 import os
 
 import numpy as np
-import torch
 
 from pyworkflow.object import RELATION_TRANSFORM
 from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticles, SetOfVolumes, Volume, VolumeMask
 
+from hetplugin.tests.core.maps import corr, lowpass_sharp, shifted_truth
 from hetplugin.tests.scipion_imports import ImportHelpers
 from hetplugin.convert import star_to_particle_set, write_particles_star
 from hetplugin.core.dataset import ParticleDataset
-from hetplugin.core.fourier import crop_volume, fftn_centered, ifftn_centered, radius
 from hetplugin.core.masks import spherical_mask
 from hetplugin.core.mrc import StackReader, write_volume
 from hetplugin.core.reconstruct import backproject_dataset
@@ -33,27 +32,6 @@ from hetplugin.core.starfile import read_particles, read_star, write_star
 from hetplugin.protocols.protocol_subtract import ProtSignalSubtract
 
 N_PARTICLES, BOX, NEW_BOX, PIXEL = 160, 48, 36, 3.0
-
-
-def shifted_truth(volume, centre_px, new_box):
-    box = volume.shape[-1]
-    k = torch.arange(box, dtype=torch.float64) - box // 2
-    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
-    phase = torch.exp(2j * np.pi * (kx * centre_px[0] + ky * centre_px[1] + kz * centre_px[2]) / box)
-    moved = ifftn_centered(fftn_centered(torch.as_tensor(volume, dtype=torch.float64), (-3, -2, -1)) * phase,
-                           (-3, -2, -1)).real
-    return crop_volume(moved, new_box)
-
-
-def lowpass(volume, r_max):
-    ft = fftn_centered(torch.as_tensor(volume, dtype=torch.float64), (-3, -2, -1))
-    ft = ft * torch.as_tensor(radius(tuple(volume.shape)) <= r_max)
-    return ifftn_centered(ft, (-3, -2, -1)).real.numpy()
-
-
-def corr(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def to_sqlite(star, sqlite):
@@ -150,13 +128,13 @@ class TestSignalSubtract(ImportHelpers, BaseTest):
         info = prot._readJson('summary')
         centre_px = np.asarray(info['centre_A']) / PIXEL
         self.assertGreater(np.linalg.norm(centre_px), 5)
-        low = lowpass(rec, r_max)
-        c = corr(low, lowpass(shifted_truth(self.truth.kept_map, centre_px, NEW_BOX), r_max))
+        low = lowpass_sharp(rec, r_max)
+        c = corr(low, lowpass_sharp(shifted_truth(self.truth.kept_map, centre_px, NEW_BOX), r_max))
         # where the kept region lies: parabolic peak of the correlation over +-1 px shifts per axis
         offset = []
         for axis in range(3):
             step = np.eye(3)[axis]
-            cc = [corr(low, lowpass(shifted_truth(self.truth.kept_map, centre_px + d * step, NEW_BOX), r_max))
+            cc = [corr(low, lowpass_sharp(shifted_truth(self.truth.kept_map, centre_px + d * step, NEW_BOX), r_max))
                   for d in (-1, 0, 1)]
             offset.append(0.5 * (cc[0] - cc[2]) / (cc[0] - 2 * cc[1] + cc[2]))
         print('\nScipion subtract -> reconstruct: correlation with the centred kept truth %.4f; the kept region '

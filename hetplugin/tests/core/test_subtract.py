@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from hetplugin.tests.core.maps import corr, lowpass_sharp, shifted_truth
 from hetplugin.core import cli
 from hetplugin.core.dataset import ParticleDataset
-from hetplugin.core.fourier import crop_volume, fftn_centered, ifftn_centered, radius
+from hetplugin.core.fourier import crop_volume
 from hetplugin.core.mrc import StackReader, read_header, read_volume, write_volume
 from hetplugin.core.projection import frequency_mask, prepare_volume, project_ft
 from hetplugin.core.fourier import half_plane_coords
@@ -175,28 +176,6 @@ def test_class_maps_go_below_the_consensus_floor(two_state, tmp_path):
 
 
 # ------------------------------------------------------------------ recentring, windowing, revert
-def shifted_truth(volume: np.ndarray, centre_px: np.ndarray, new_box: int) -> torch.Tensor:
-    """The map moved by -centre (so that the centre lands at the box centre), windowed to new_box."""
-    box = volume.shape[-1]
-    k = torch.arange(box, dtype=torch.float64) - box // 2
-    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
-    phase = torch.exp(2j * np.pi * (kx * centre_px[0] + ky * centre_px[1] + kz * centre_px[2]) / box)
-    moved = ifftn_centered(fftn_centered(torch.as_tensor(volume, dtype=torch.float64), (-3, -2, -1)) * phase,
-                           (-3, -2, -1)).real
-    return crop_volume(moved, new_box)
-
-
-def lowpass_sharp(volume: torch.Tensor, r_max: float) -> np.ndarray:
-    ft = fftn_centered(volume.to(torch.float64), (-3, -2, -1))
-    ft = ft * torch.as_tensor(radius(tuple(volume.shape)) <= r_max)
-    return ifftn_centered(ft, (-3, -2, -1)).real.numpy()
-
-
-def corr(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
-
-
 def test_recentred_particles_reconstruct_the_kept_region_centred(contrast, tmp_path):
     new_box = 48
     summary = subtract_particles(read_particles(contrast.star), contrast.maps, contrast.mask, tmp_path,
