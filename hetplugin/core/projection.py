@@ -160,18 +160,22 @@ def hermitian_symmetrize(grid: torch.Tensor) -> torch.Tensor:
 
 
 def project_images(volume: torch.Tensor, rotations: torch.Tensor, origins_px: torch.Tensor | None = None,
-                   ctf: torch.Tensor | None = None, pad: int = 2, r_max: float | None = None) -> torch.Tensor:
+                   ctf: torch.Tensor | None = None, pad: int = 2, r_max: float | None = None,
+                   prepared: torch.Tensor | None = None) -> torch.Tensor:
     """Real projections (R, D, D) of a real cube with rotations (R, 3, 3), optional origins (R, 2) and CTF.
 
     Origins are RELION's (rlnOriginX/Y, here in pixels): the projected content is
     moved by -origin, as relion_project does. ``ctf`` is (R, M) on the half-plane
-    frequencies selected by :func:`frequency_mask` (r_max).
+    frequencies selected by :func:`frequency_mask` (r_max). ``prepared`` is
+    ``slice_grid(prepare_volume(volume, pad))`` when the caller projects the same
+    volume in several batches (it saves the padded 3D transform per call).
     """
     box = volume.shape[-1]
     dtype = volume.dtype
     sel = torch.as_tensor(frequency_mask(box, r_max), device=volume.device)
     k = torch.as_tensor(half_plane_coords(box), dtype=dtype, device=volume.device)[sel]
-    vals = project_ft(prepare_volume(volume, pad), rotations.to(dtype), k, pad)
+    grid = slice_grid(prepare_volume(volume, pad)) if prepared is None else prepared
+    vals = project_ft(grid, rotations.to(dtype), k, pad)
     if origins_px is not None:
         o = origins_px.to(device=volume.device, dtype=dtype)
         vals = vals * shift_phase(k[:, 0], k[:, 1], -o[:, 0], -o[:, 1], box)

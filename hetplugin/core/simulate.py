@@ -20,7 +20,7 @@ import torch
 
 from .ctf import CTFParams, ctf_values
 from .mrc import write_stack, write_volume
-from .projection import frequency_mask, project_images
+from .projection import frequency_mask, prepare_volume, project_images, slice_grid
 from .fourier import half_plane_coords
 from .poses import rotvec_to_matrix
 from .rotations import matrix_to_euler, random_rotations
@@ -183,11 +183,13 @@ def simulate(out_dir: str | Path, n_particles: int = 1000, n_classes: int = 2, b
     batch = 256
     for j in range(k):
         vol = torch.as_tensor(vols[j], dtype=torch.float64)
+        grid = slice_grid(prepare_volume(vol))
         idx = np.flatnonzero(labels == j)
         for b in range(0, len(idx), batch):
             rows = idx[b:b + batch]
             c = ctf_values(ctfp, kk[:, 0], kk[:, 1], box, pixel_size_A, rows) if ctf else None
-            img = project_images(vol, torch.as_tensor(rots[rows]), torch.as_tensor(origins_px[rows]), ctf=c)
+            img = project_images(vol, torch.as_tensor(rots[rows]), torch.as_tensor(origins_px[rows]), ctf=c,
+                                 prepared=grid)
             clean[rows] = img.numpy()
         log(f"simulate: projected class {j + 1} ({len(idx)} particles)")
     signal_var = float(clean.var())
