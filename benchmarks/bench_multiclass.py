@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--relion-healpix-order", type=int, default=2, help="2 = 15 deg, 3 = 7.5 deg")
     p.add_argument("--skip-relion", action="store_true")
+    p.add_argument("--device", default="cpu", help="device of our run: cpu, cuda (RELION runs on the CPU)")
     a = p.parse_args()
     work = Path(a.work).resolve()
     sim = work / "sim"
@@ -100,7 +101,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "hetplugin.core", "multiclass", "--particles", str(sim / "particles.star"),
            "--reference", str(sim / "consensus.mrc"), "--out", str(ours), "--classes", str(a.classes),
            "--iterations", str(a.iterations), "--initial-lowpass", str(a.lowpass), "--threads", str(a.threads),
-           "--particle-diameter", str(diameter), "--seed", str(a.seed), "--device", "cpu"]
+           "--particle-diameter", str(diameter), "--seed", str(a.seed), "--device", a.device]
     t_ours, mem_ours = timed(cmd, work, work / "ours.log")
     r_ours = evaluate(ours / "particles.star", [ours / f"class_{j + 1:03d}.mrc" for j in range(a.classes)],
                       sim, a.classes)
@@ -121,7 +122,7 @@ def main() -> None:
                          [rel / f"run_it{it}_class{j + 1:03d}.mrc" for j in range(a.classes)], sim, a.classes)
         rows.append(("RELION", r_rel, t_rel, mem_rel))
     print(f"data: {a.particles} particles, box {a.box} at {a.pixel_size} A/px, SNR {a.snr}, K={a.classes}, "
-          f"global search from the consensus low-passed to {a.lowpass} A, {a.threads} threads")
+          f"global search from the consensus low-passed to {a.lowpass} A, {a.threads} threads, ours on {a.device}")
     print(f"{'program':>10} {'accuracy':>9} {'ARI':>6} {'med.ang.err':>11} {'FSC0.5/0.143 per class (A)':>30} "
           f"{'wall s':>8} {'peak MB':>8}")
     for name, r, t, m in rows:

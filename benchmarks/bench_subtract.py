@@ -139,7 +139,8 @@ def marginal(full: dict, small: dict, n: int, n0: int, key: str) -> float:
     return (n - n0) / dt if dt > 0 else float("nan")
 
 
-def run_case(work: Path, n: int, box: int, snr: float, threads: int, seed: int, relion: bool) -> list[dict]:
+def run_case(work: Path, n: int, box: int, snr: float, threads: int, seed: int, relion: bool,
+             device: str = "cpu") -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     print(f"\n== SNR {snr}: simulating {n} particles, box {box} ...", flush=True)
     tr = simulate_subtraction(work / "sim", n_particles=n, box=box, pixel_size_A=PX, snr=snr, seed=seed, n_states=2,
@@ -175,7 +176,7 @@ def run_case(work: Path, n: int, box: int, snr: float, threads: int, seed: int, 
             out = work / f"ours_{tag}_{size}"
             cmd = [sys.executable, "-m", "hetplugin.core", "subtract", "--particles", str(particles), "--map",
                    *[str(work / f"map_{j + 1}.mrc") for j in range(k)], "--mask", str(work / "mask.mrc"),
-                   "--mask-meaning", "keep", "--out", str(out), "--threads", str(threads), "--device", "cpu"]
+                   "--mask-meaning", "keep", "--out", str(out), "--threads", str(threads), "--device", device]
             row["ours" if size == n else "ours0"] = timed(cmd, work, work / f"{out.name}.log")
         x = images_by_original(work / f"ours_{tag}_{n}" / "particles_subtracted.star", work, originals)
         row.update(ours_res=np.linalg.norm(x - ideal) / kept_norm, ours_res_rest=np.linalg.norm(x - ideal) / rest_norm)
@@ -231,6 +232,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="our torch threads = RELION's MPI ranks")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
+    p.add_argument("--device", default="cpu", help="device of our runs: cpu, cuda (RELION runs on the CPU)")
     a = p.parse_args()
     relion = shutil.which("relion_particle_subtract") is not None and shutil.which("relion_refine") is not None
     if not relion:
@@ -241,7 +243,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs on this machine, load average {os.getloadavg()[0]:.1f}")
     rows = []
     for snr in a.snr:
-        rows += run_case(work / f"snr_{snr}", a.particles, a.box, snr, a.threads, a.seed, relion)
+        rows += run_case(work / f"snr_{snr}", a.particles, a.box, snr, a.threads, a.seed, relion, a.device)
     print("\nsummary (residual = ||X' - ideal|| / ||kept||; throughput ratios ours/RELION, marginal = beyond the "
           "first N/5 images):")
     print(f"{'SNR':>6} {'map':<24} {'ours':>7} {'RELION':>7} {'whole wall':>10} {'whole CPU':>9} "

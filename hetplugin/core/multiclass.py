@@ -408,19 +408,31 @@ class MulticlassRefiner:
         resid = (xb - scale[:, None] * model).abs() ** 2
         s2_num.index_add_(0, shells, (resid * herm).sum(0).to(torch.float64))
         s2_den.index_add_(0, shells, (herm * b).to(torch.float64))
-        # significant samples into the class / half-set backprojectors
-        e = idx.shape[1]
-        xs = self._shifted(x, org_sel, coords)  # (B, E, M)
-        ctf_e = None if ctf is None else ctf[:, None, :].expand(-1, e, -1)
-        halves = torch.as_tensor(self.halves[rows_np], device=self.device)[:, None].expand(-1, e)
+        # significant samples into the class / half-set backprojectors; samples of one image that
+        # share a class and rotation (differing in shift only) are summed first: one insertion each
         live = vals > 0
+        xs = self._shifted(x, org_sel, coords)[live] * vals[live][:, None]  # (n, M) posterior-weighted
+        group_key = (bi * k_cls + j_idx) * (t * n_rot) + t_idx * n_rot + l_idx
+        keys, inverse = torch.unique(group_key[live], return_inverse=True)
+        summed = torch.zeros((len(keys), xs.shape[1]), dtype=xs.dtype, device=self.device)
+        summed.index_add_(0, inverse, xs)
+        g_weight = torch.zeros(len(keys), dtype=vals.dtype, device=self.device).index_add_(0, inverse, vals[live])
+        first = torch.zeros(len(keys), dtype=torch.long, device=self.device)
+        first.scatter_(0, inverse, torch.arange(len(inverse), device=self.device))
+        g_image = bi[live][first]
+        g_class = j_idx[live][first]
+        g_rot = rot_sel[live][first]
+        g_half = torch.as_tensor(self.halves[rows_np], device=self.device)[g_image]
+        # inserted as (sum_s v_s X_s) / (sum_s v_s) with weight sum_s v_s: data gets the sum, the
+        # weight grid sum_s v_s CTF^2
+        images = summed / g_weight[:, None]
         for j in range(k_cls):
             for h in (1, 2):
-                m_sel = live & (j_idx == j) & (halves == h)
+                m_sel = (g_class == j) & (g_half == h)
                 if not bool(m_sel.any()):
                     continue
-                bps[j][h - 1].insert(xs[m_sel], rot_sel[m_sel], None if ctf_e is None else ctf_e[m_sel],
-                                     vals[m_sel], coords)
+                bps[j][h - 1].insert(images[m_sel], g_rot[m_sel], None if ctf is None else ctf[g_image[m_sel]],
+                                     g_weight[m_sel], coords)
 
     def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning) -> MulticlassState:
         opt, k_cls = self.opt, len(bps)

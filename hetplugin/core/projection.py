@@ -107,11 +107,18 @@ def project_ft(volume_ft: torch.Tensor, rotations: torch.Tensor, coords: torch.T
     size = grid.shape[-1]
     rot = rotations.to(device=grid.device, dtype=grid.dtype)
     pos = torch.einsum("mi,rij->rmj", coords.to(grid.dtype), rot[:, :2, :]) * pad + size // 2
-    norm = pos * (2.0 / (size - 1)) - 1.0
-    out = torch.nn.functional.grid_sample(grid, norm.reshape(1, 1, 1, -1, 3), mode="bilinear",
-                                          padding_mode="zeros", align_corners=True)
-    out = out.reshape(2, rotations.shape[0], coords.shape[0]).permute(1, 2, 0)
-    return torch.view_as_complex(out.contiguous())
+    norm = (pos * (2.0 / (size - 1)) - 1.0).reshape(-1, 3)
+    n_points = norm.shape[0]
+    # on CPU, grid_sample runs its 3D kernel in parallel over the batch only: the points go in
+    # as a batch of chunks against the same (expanded, not copied) grid
+    chunks = 1 if grid.device.type != "cpu" or n_points < 8192 else 16
+    per = -(-n_points // chunks)
+    if per * chunks != n_points:
+        norm = torch.cat([norm, norm.new_zeros((per * chunks - n_points, 3))])
+    out = torch.nn.functional.grid_sample(grid.expand(chunks, -1, -1, -1, -1), norm.reshape(chunks, 1, 1, per, 3),
+                                          mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out.reshape(chunks, 2, per).permute(0, 2, 1).reshape(-1, 2)[:n_points]
+    return torch.view_as_complex(out.reshape(rotations.shape[0], coords.shape[0], 2).contiguous())
 
 
 def backproject_ft(values: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, size: int,

@@ -1,7 +1,8 @@
 """CTF-weighted Fourier reconstruction from images at known poses.
 
 An image X with CTF c at rotation A contributes c * X to the data grid and c^2 to
-the weight grid (both through :func:`backproject_ft`); the map is then
+the weight grid (the trilinear adjoint of :func:`~hetplugin.core.projection.project_ft`);
+the map is then
 F = data / (weight + reg), with a per-shell Wiener term reg = <weight>_shell /
 (T * SNR_shell) when a spectral SNR is known (from a half-set FSC), else a small
 floor. Images are given as half-plane transforms on the frequencies selected by
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from .fourier import half_plane_coords, pad_ft_grid
-from .projection import _corners, _crop_real_centered, _scatter, frequency_mask, hermitian_symmetrize
+from .projection import _corners, _crop_real_centered, frequency_mask, hermitian_symmetrize
 
 
 class Backprojector:
@@ -38,9 +39,19 @@ class Backprojector:
         self.select = torch.as_tensor(sel, device=self.device)
         k = half_plane_coords(box)[sel]
         self.coords = torch.as_tensor(k, dtype=dtype, device=self.device)
-        cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-        self.data = torch.zeros((self.size,) * 3, dtype=cdtype, device=self.device)
-        self.weight = torch.zeros((self.size,) * 3, dtype=dtype, device=self.device)
+        # rows: real part, imaginary part and weight, flattened; three real index_add_ calls are
+        # ~2.5x faster on CPU than one complex index_add_ plus one real
+        self.acc = torch.zeros((3, self.size ** 3), dtype=dtype, device=self.device)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """(P, P, P) complex data grid (a new tensor)."""
+        return torch.complex(self.acc[0], self.acc[1]).view((self.size,) * 3)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(P, P, P) real weight grid (a view)."""
+        return self.acc[2].view((self.size,) * 3)
 
     def insert(self, images_ft: torch.Tensor, rotations: torch.Tensor, ctf: torch.Tensor | None = None,
                image_weights: torch.Tensor | None = None, coords: torch.Tensor | None = None) -> None:
@@ -62,13 +73,14 @@ class Backprojector:
         rot = rotations.to(device=self.device, dtype=self.dtype).to(dtype=coords.dtype)
         # the same interpolation corners serve the data and the weight grids
         idx, cw = _corners(rot, coords, self.pad, self.size)
-        _scatter(vals.to(self.data.dtype), idx, cw, self.data)
-        _scatter(wts.contiguous(), idx, cw, self.weight)
+        idx = idx.reshape(-1)
+        cw = cw.to(self.dtype)
+        for row, v in zip(self.acc, (vals.real, vals.imag, wts)):
+            row.index_add_(0, idx, (v.to(self.dtype).reshape(1, -1) * cw).reshape(-1))
 
     def add(self, other: "Backprojector") -> None:
         """Sum another accumulator into this one (e.g. per-batch or per-rank partial sums)."""
-        self.data += other.data
-        self.weight += other.weight
+        self.acc += other.acc
 
     def grids(self, symmetry: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hermitian-completed (data, weight) grids, summed over the symmetry operators (G, 3, 3) if given."""
