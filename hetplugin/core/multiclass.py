@@ -57,7 +57,7 @@ class MulticlassOptions:
     particle_diameter_A: float | None = None
     resolution_limit_A: float | None = None
     min_class_size: int = 20
-    top_poses: int = 3
+    top_poses: int = 6
     seed: int = 0
     batch_size: int = 64
     max_significant: int = 32
