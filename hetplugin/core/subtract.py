@@ -64,7 +64,7 @@ from .device import resolve_device, set_threads
 from .fourier import half_plane_hermitian_weights, lowpass_volume
 from .masks import check_mask
 from .mrc import check_images, read_volume, strip_format_suffix
-from .projection import prepare_volume, slice_grid
+from .projection import prepare_volume, sample_grid, slice_grid
 from .rotations import euler_to_matrix
 from .starfile import ParticleTable, read_particles, write_particles
 
@@ -188,19 +188,7 @@ def _sample(grid: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, p
         layer = ((pos[:, 2] + 1.0) * (0.5 * (size - 1))).clamp_(0, size - 1)
         order = torch.argsort(layer.to(torch.uint8 if size <= 256 else torch.int16), stable=True)
         pos = pos.index_select(0, order)
-    n_points = pos.shape[0]
-    parts = max(1, min(torch.get_num_threads(), 8)) if grid.device.type == "cpu" and n_points > 65536 else 1
-    if parts > 1:      # grid_sample parallelises over its batch: one z-range of points per thread
-        extra = (-n_points) % parts
-        if extra:
-            pos = torch.cat([pos, pos[:extra]])
-        out = torch.nn.functional.grid_sample(grid.expand(parts, -1, -1, -1, -1), pos.reshape(parts, 1, 1, -1, 3),
-                                              mode="bilinear", padding_mode="zeros", align_corners=True)
-        out = out.reshape(parts, -1, pos.shape[0] // parts).permute(1, 0, 2).reshape(-1, pos.shape[0])[:, :n_points]
-    else:
-        out = torch.nn.functional.grid_sample(grid, pos.reshape(1, 1, 1, -1, 3), mode="bilinear",
-                                              padding_mode="zeros", align_corners=True)
-        out = out.reshape(-1, n_points)
+    out = sample_grid(grid, pos)
     if order is not None:
         out = torch.empty_like(out).index_copy_(1, order, out)
     out = torch.complex(out[0::2], out[1::2])
