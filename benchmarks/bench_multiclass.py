@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -65,14 +65,17 @@ def evaluate(star: Path, maps: list[Path], truth_dir: Path, k: int) -> dict:
 
 
 def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS of the children in MB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``cmd``; return (wall seconds, peak RSS of that process in MB)."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        subprocess.run(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, check=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage, not the max over all children
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024.0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
+    return wall, usage.ru_maxrss / 1024.0
 
 
 def main() -> None:
