@@ -303,7 +303,7 @@ class MulticlassRefiner:
         a = as_real(weighted_images(xs, None if ctf is None else ctf[:, :m], weight[:m]))
         qc = q[:, :m]
         rots, orgs = [], []
-        chunk = max(1, int(4e7 // max(1, b * n_shift)))
+        chunk = max(1, int(1e7 // max(1, b * n_shift)))  # scores of one chunk: 40 MB
         for pr, pw in proj_c:
             top = TopK(b, self.opt.top_poses, self.device)
             for start in range(0, pr.shape[0], chunk):

@@ -72,9 +72,10 @@ class TopK:
         self.index = torch.zeros((batch, 0), dtype=torch.long, device=device)
 
     def update(self, scores: torch.Tensor, offset: int) -> None:
-        idx = torch.arange(scores.shape[1], device=scores.device) + offset
-        values = torch.cat([self.values, scores], 1)
-        index = torch.cat([self.index, idx.expand(scores.shape[0], -1)], 1)
+        # the chunk's own top k first: merging then concatenates k columns, not the whole chunk
+        chunk_values, chunk_index = torch.topk(scores, min(self.k, scores.shape[1]), dim=1)
+        values = torch.cat([self.values, chunk_values], 1)
+        index = torch.cat([self.index, chunk_index + offset], 1)
         k = min(self.k, values.shape[1])
         self.values, pos = torch.topk(values, k, dim=1)
         self.index = torch.gather(index, 1, pos)
