@@ -72,7 +72,6 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage, not the max over all children
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
     if code:
         raise subprocess.CalledProcessError(code, cmd)
     return wall, usage.ru_maxrss / 1024.0

@@ -114,33 +114,30 @@ def draw_resolution(ax, history, model=None):
     ax.legend(fontsize='small')
 
 
-@_plot('classChanges', 'Particles changing class', 'iteration', 'fraction')
-def draw_class_changes(ax, history, model=None):
-    iters, values = _scalar(history or [], 'changed_class_fraction')
+def _draw_scalar(ax, history, key, what, from_zero=True):
+    """One value per iteration (``history[i][key]``) with the stages marked."""
+    iters, values = _scalar(history or [], key)
     if not iters:
-        return _no_data(ax, 'class changes')
+        return _no_data(ax, what)
     _mark_stages(ax, history)
     ax.plot(iters, values, marker='o')
-    ax.set_ylim(bottom=0)
+    if from_zero:
+        ax.set_ylim(bottom=0)
+
+
+@_plot('classChanges', 'Particles changing class', 'iteration', 'fraction')
+def draw_class_changes(ax, history, model=None):
+    return _draw_scalar(ax, history, 'changed_class_fraction', 'class changes')
 
 
 @_plot('angleChanges', 'Orientation change', 'iteration', 'mean change (deg)')
 def draw_angle_changes(ax, history, model=None):
-    iters, values = _scalar(history or [], 'mean_angle_change_deg')
-    if not iters:
-        return _no_data(ax, 'orientation changes')
-    _mark_stages(ax, history)
-    ax.plot(iters, values, marker='o')
-    ax.set_ylim(bottom=0)
+    return _draw_scalar(ax, history, 'mean_angle_change_deg', 'orientation changes')
 
 
 @_plot('logLikelihood', 'Log-likelihood', 'iteration', 'log-likelihood')
 def draw_loglik(ax, history, model=None):
-    iters, values = _scalar(history or [], 'loglik')
-    if not iters:
-        return _no_data(ax, 'log-likelihood')
-    _mark_stages(ax, history)
-    ax.plot(iters, values, marker='o')
+    return _draw_scalar(ax, history, 'loglik', 'log-likelihood', from_zero=False)
 
 
 @_plot('fsc', 'Half-set FSC per class', 'resolution (1/A)', 'FSC')
