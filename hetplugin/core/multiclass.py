@@ -75,10 +75,6 @@ class MulticlassOptions:
                              "ask for fewer classes or a smaller minimum class size")
         if self.angular_step_deg <= 0 or self.iterations < 1:
             raise ValueError("angular step and iterations must be positive")
-        if self.n_classes > 1 and self.iterations <= self.alignment_iterations:
-            raise ValueError(f"{self.iterations} iterations leave none for classification after "
-                             f"{self.alignment_iterations} alignment iterations; ask for more iterations "
-                             "or fewer alignment iterations")
 
 
 @dataclass
@@ -146,6 +142,10 @@ class MulticlassRefiner:
             refs = refs[None]
         if refs.shape[0] not in (1, k) or refs.shape[1:] != (self.box,) * 3:
             raise ValueError(f"references must be one map or {k} maps of {self.box}^3, got {refs.shape}")
+        if refs.shape[0] == 1 and k > 1 and self.opt.iterations <= self.opt.alignment_iterations:
+            raise ValueError(f"{self.opt.iterations} iterations leave none for classification after "
+                             f"{self.opt.alignment_iterations} alignment iterations (one reference); ask for "
+                             "more iterations or fewer alignment iterations")
         maps = []
         for j in range(k):
             ref = torch.as_tensor(refs[j % refs.shape[0]])
@@ -205,7 +205,7 @@ class MulticlassRefiner:
         # poses), then classes are seeded from a random split and refined with local searches
         aligning = state.one_reference and it <= opt.alignment_iterations
         k_act = 1 if aligning else k_cls
-        first_from_one_ref = not aligning and state.classes.min() < 0
+        first_from_one_ref = state.one_reference and not aligning and state.classes.min() < 0
         profile = it == 1
         use_prior_pose = opt.local_search_deg > 0 and self.ds.has_alignment
         global_search = not use_prior_pose and it <= opt.global_iterations and (aligning or not state.one_reference)

@@ -98,6 +98,18 @@ def test_same_seed_same_answer_and_resume_after_kill(two_state, tmp_path):
     assert np.allclose(a.rot_deg, c.rot_deg, atol=1e-4)
 
 
+def test_k_references_seed_the_classes_in_their_order(two_state, tmp_path):
+    """K references (e.g. the class maps of an earlier round) classify from the first E-step:
+    class j is the particles closest to reference j, not a random split of them."""
+    refs = [str(two_state / f"truth_class_{j:03d}.mrc") for j in (2, 1)]
+    assert main(["multiclass", "--particles", str(two_state / "truth_particles.star"), "--reference", *refs,
+                 "--out", str(tmp_path / "mc"), "--classes", "2", "--initial-lowpass", "12", "--min-class-size", "5",
+                 "--iterations", "1", "--local-search", "10", "--threads", "2"]) == 0
+    found = read_particles(tmp_path / "mc" / "particles.star")
+    truth = read_particles(two_state / "truth_particles.star")
+    assert float(np.mean(found.class_number == 3 - truth.class_number)) >= 0.95
+
+
 def test_bad_input_is_refused_before_work(two_state, tmp_path, capsys):
     assert main(["multiclass", "--particles", str(two_state / "particles.star"), "--reference",
                  str(two_state / "consensus.mrc"), "--out", str(tmp_path / "x"), "--classes", "400"]) == 2
