@@ -39,6 +39,9 @@ from .rotations import angular_distance_deg
 from .search import TopK, as_real, quadratic_weights, scores_per_image, scores_shared, weighted_images
 from .symmetry import symmetry_group
 
+# E-step batches are sized so that the fine search's tensors stay near this (see _batch_size)
+BATCH_BYTES = 64 << 20
+
 
 @dataclass
 class MulticlassOptions:
@@ -229,6 +232,7 @@ class MulticlassRefiner:
         s2_den = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
         log_prior = torch.as_tensor(np.log(np.maximum(state.class_prior[:k_act], 1e-10)), dtype=self.dtype,
                                     device=self.device)
+        batch = self._batch_size(k_act, global_search, len(coords))
         for half in (1, 2):
             # each half-set is scored against the maps of the other half (no particle sees its own noise)
             refs = state.half_maps[2 - half]
@@ -242,7 +246,7 @@ class MulticlassRefiner:
                 for j in range(k_act):
                     p = project_ft(vol_ft[j], rot_c, coords[:m_coarse], pad)
                     proj_c.append((as_real(p), p.abs() ** 2))
-            for rows in self.ds.batches(opt.batch_size, np.flatnonzero(self.halves == half)):
+            for rows in self.ds.batches(batch, np.flatnonzero(self.halves == half)):
                 x = self.ds.images_ft(rows, sel, coords, centre=False)[:, order_t]
                 ctf = self.ds.ctf(rows, coords)
                 b = len(rows)
@@ -260,6 +264,8 @@ class MulticlassRefiner:
                 res = self._fine_search(x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile,
                                         ang_prior, log_prior, None if forced is None else forced[rows], temperature)
                 self._accumulate(res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den)
+                if __import__('os').environ.get('HP_TRIM'):
+                    __import__('ctypes').CDLL('libc.so.6').malloc_trim(0)
         return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning)
 
     def temperature(self, state: MulticlassState) -> float:
@@ -314,18 +320,35 @@ class MulticlassRefiner:
             orgs.append(torch.gather(cand, 1, s_idx[..., None].expand(-1, -1, 2)))
         return torch.stack(rots, 1), torch.stack(orgs, 1)  # (B, K, T, 3, 3), (B, K, T, 2)
 
+    def _local_candidates(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Rotation offsets, origin offsets and angular range (deg) of a local search."""
+        if self.opt.local_search_deg > 0 and self.ds.has_alignment:
+            return (local_grid(self.opt.angular_step_deg, self.opt.local_search_deg),
+                    shift_grid(self.shift_range_px, self.shift_step_px), self.opt.local_search_deg)
+        return self.local_rot, self.local_shift, self.opt.angular_step_deg
+
+    def _batch_size(self, k_cls: int, global_search: bool, m: int) -> int:
+        """Images per E-step batch: at most ``batch_size``, and few enough that the fine search's
+        per-batch tensors (projections, their power, shifted and weighted images: ~24 bytes per
+        candidate and frequency) stay within BATCH_BYTES. Large temporaries are what set the
+        peak memory, and the allocator keeps what it once held; smaller batches cost no speed
+        once the projections of a batch run to millions of points. On a GPU: ``batch_size``."""
+        if self.device.type != "cpu":
+            return self.opt.batch_size
+        if global_search:
+            t, n_rot, n_shift = self.opt.top_poses, len(self.fine_rot), len(self.fine_shift)
+        else:
+            d_rot, shifts, _ = self._local_candidates()
+            t, n_rot, n_shift = 1, len(d_rot), len(shifts)
+        per_image = 24 * k_cls * t * (n_rot + n_shift) * m
+        return int(np.clip(BATCH_BYTES // max(per_image, 1), 8, max(self.opt.batch_size, 8)))
+
     def _fine_search(self, x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile, local_prior,
                      log_prior, forced, temperature):
         """Posterior over fine candidates around each centre; returns the per-candidate pieces."""
         b, k_cls, t = centres_rot.shape[:3]
         if local_prior:
-            if self.opt.local_search_deg > 0 and self.ds.has_alignment:
-                rng_deg = self.opt.local_search_deg
-                d_rot = local_grid(self.opt.angular_step_deg, rng_deg)
-                shifts = shift_grid(self.shift_range_px, self.shift_step_px)
-            else:
-                rng_deg = self.opt.angular_step_deg
-                d_rot, shifts = self.local_rot, self.local_shift
+            d_rot, shifts, rng_deg = self._local_candidates()
             sigma = max(rng_deg / 2.0, 1e-3)
             d_ang = angular_distance_deg(d_rot, np.eye(3))
             rot_prior = torch.as_tensor(-0.5 * (d_ang / sigma) ** 2, dtype=self.dtype, device=self.device)

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or auto (default: $HETPLUGIN_DEVICE, else auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--batch-size", type=int, default=o.batch_size, help="particles per E-step batch (bounds memory)")
+    p.add_argument("--batch-size", type=int, default=o.batch_size, help="at most this many particles per E-step batch; on the CPU fewer where the search is large, to bound memory")
     p.add_argument("--root", default=None, help="folder that relative image paths are relative to")
 
 

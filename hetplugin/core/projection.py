@@ -100,15 +100,27 @@ def slice_grid(volume_ft: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(volume_ft).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
 
 
+PROJECT_CHUNK_POINTS = 1 << 18
+
+
 def project_ft(volume_ft: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """Central slices: (P, P, P) complex grid (or its :func:`slice_grid` layout), rotations (R, 3, 3),
     coords (M, 2) as (kx, ky) -> (R, M) complex, by trilinear interpolation."""
     grid = slice_grid(volume_ft) if volume_ft.is_complex() else volume_ft
     size = grid.shape[-1]
     rot = rotations.to(device=grid.device, dtype=grid.dtype)
-    pos = torch.einsum("mi,rij->rmj", coords.to(grid.dtype), rot[:, :2, :]) * pad + size // 2
-    out = sample_grid(grid, (pos * (2.0 / (size - 1)) - 1.0).reshape(-1, 3))
-    return torch.complex(out[0], out[1]).reshape(rotations.shape[0], coords.shape[0])
+    c = coords.to(grid.dtype)
+    n_rot, m = rot.shape[0], c.shape[0]
+    out = torch.empty((n_rot, m), dtype=torch.complex64 if grid.dtype == torch.float32 else torch.complex128,
+                      device=grid.device)
+    # rotations go through in chunks of ~2^18 points on the CPU: the position and sample
+    # temporaries of all at once (tens of MB each) are what set the E-step's peak memory
+    step = max(1, (PROJECT_CHUNK_POINTS if grid.device.type == "cpu" else 64 * PROJECT_CHUNK_POINTS) // max(m, 1))
+    for start in range(0, n_rot, step):
+        pos = torch.einsum("mi,rij->rmj", c, rot[start:start + step, :2, :]) * pad + size // 2
+        vals = sample_grid(grid, (pos * (2.0 / (size - 1)) - 1.0).reshape(-1, 3))
+        out[start:start + step] = torch.complex(vals[0], vals[1]).reshape(-1, m)
+    return out
 
 
 def sample_grid(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -166,8 +166,10 @@ class ProtMulticlassRefine(ProtHetBase):
         form.addParam('batchSize', params.IntParam, default=64,
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Particles per batch',
-                      help='Particles scored together in the E-step: bounds the memory used '
-                           '(lower it if the GPU runs out of memory).')
+                      help='At most this many particles are scored together in the E-step. On '
+                           'the CPU batches are made smaller where the pose search is large, so '
+                           'that memory stays bounded; on a GPU this is the batch (lower it if '
+                           'the GPU runs out of memory).')
         self._defineComputeParams(form)
 
     # --------------------------- working files --------------------------------
