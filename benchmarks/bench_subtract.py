@@ -13,20 +13,32 @@ and the same two REconstructed from the noisy images at the true poses (our reco
 half-set FSC weighting), as a refinement would give them.
 
 relion_particle_subtract needs an optimiser.star; a 1-iteration relion_refine (Class3D,
---skip_align) makes one (K=1, and K=2 for per-class maps), then its class maps are replaced
-by ours and rlnCurrentImageSize is set to the full box, so RELION projects exactly our maps
-to Nyquist. Our rlnClassNumber column is added for RELION 3.1 (it reads the class unconditionally).
+--skip_align) on the first 1000 particles makes one (K=1, and K=2 for per-class maps), then its
+class maps are replaced by ours and rlnCurrentImageSize is set to the full box, so RELION projects
+exactly our maps to Nyquist; the particles are given with --data. Our rlnClassNumber column is
+added for RELION 3.1 (it reads the class unconditionally).
 
 Timing: each program runs as its own process under /usr/bin/time (wall, user+sys CPU, peak
-RSS), with --threads T for ours and T MPI ranks for RELION (T=1: the serial program).
-Images/s are reported on wall time and on CPU time (the latter is robust on a shared machine).
+RSS), with --threads T for ours (T worker processes on the CPU) and T MPI ranks for RELION
+(T=1: the serial program). Images/s are reported on wall time and on CPU time (the latter is
+robust on a shared machine), for
 
-    python benchmarks/bench_subtract.py [--particles 2000] [--snr 0.1 0.02] [--threads 1]
+  whole run   N images, start-up (Python and torch imports, map preparation, STAR files) included;
+  marginal    the steady state: (N - N/5) / (t(N) - t(N/5)), each program also run on the first
+              N/5 particles, so that fixed costs cancel; fixed = t(N) - N / marginal is what
+              a run costs on top of its images (start-up);
+  loop        ours only: the batch loop's own rate, from our log.
+
+Whole-run ratios depend on N (fixed costs weigh less on larger sets): run with --particles 50000
+(800 MB of images at box 64) and --maps "exact consensus" for figures at a realistic set size.
+
+    python benchmarks/bench_subtract.py [--particles 2000] [--snr 0.1 0.02] [--threads 1] [--maps ...]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +58,7 @@ from hetplugin.core.simulate_subtract import simulate_subtraction
 from hetplugin.core.starfile import read_particles, read_star, write_star
 
 PX = 2.0
+MAPS = ("exact consensus", "exact per class", "reconstructed consensus", "reconstructed per class")
 
 
 def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
@@ -139,31 +152,46 @@ def marginal(full: dict, small: dict, n: int, n0: int, key: str) -> float:
     return (n - n0) / dt if dt > 0 else float("nan")
 
 
+def fixed_cost(full: dict, small: dict, n: int, n0: int, key: str) -> float:
+    """Seconds a run costs beyond its images at the marginal rate (start-up, preparation, output)."""
+    return full[key] - n / marginal(full, small, n, n0, key)
+
+
+def loop_rate(log: Path) -> float:
+    """Our batch loop's images/s, from the log's last line 'subtract: wrote ... (N particles, T s, R images/s)'."""
+    found = re.findall(r"particles, [0-9.]+ s, ([0-9.]+) images/s\)", log.read_text())
+    return float(found[-1]) if found else float("nan")
+
+
 def run_case(work: Path, n: int, box: int, snr: float, threads: int, seed: int, relion: bool,
-             device: str = "cpu") -> list[dict]:
+             device: str = "cpu", which: tuple[str, ...] = MAPS) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     print(f"\n== SNR {snr}: simulating {n} particles, box {box} ...", flush=True)
     tr = simulate_subtraction(work / "sim", n_particles=n, box=box, pixel_size_A=PX, snr=snr, seed=seed, n_states=2,
                               closed_fraction=0.3, write_class_numbers=False)
     ideal = tr.kept + tr.noise
     kept_norm, rest_norm = np.linalg.norm(tr.kept), np.linalg.norm(tr.rest)
+    tr.kept = tr.rest = tr.noise = None          # 800 MB each at 50000 particles of box 64
     weights = np.bincount(tr.states, minlength=2) / n
     star = tr.star
     star_cls = with_classes(star, work / "particles_classes.star", tr.states + 1)
     star_one = with_classes(star, work / "particles_class1.star", np.ones(n, np.int64))
     originals = [str(v) for v in read_star(star)["particles"]["rlnImageName"].tolist()]
-    t0 = time.perf_counter()
-    rec_cons = reconstruct_map(star, np.arange(n), threads)
-    rec_cls = [reconstruct_map(star, np.flatnonzero(tr.states == s), threads) for s in range(2)]
-    print(f"   reconstructed the consensus and 2 class maps at the true poses in {time.perf_counter() - t0:.0f} s")
-    maps = {"exact consensus": [np.tensordot(weights, tr.maps, 1)], "exact per class": list(tr.maps),
-            "reconstructed consensus": [rec_cons], "reconstructed per class": rec_cls}
+    maps = {"exact consensus": [np.tensordot(weights, tr.maps, 1)], "exact per class": list(tr.maps)}
+    if any(name.startswith("reconstructed") for name in which):
+        t0 = time.perf_counter()
+        maps["reconstructed consensus"] = [reconstruct_map(star, np.arange(n), threads)]
+        maps["reconstructed per class"] = [reconstruct_map(star, np.flatnonzero(tr.states == s), threads)
+                                           for s in range(2)]
+        print(f"   reconstructed the consensus and 2 class maps at the true poses in {time.perf_counter() - t0:.0f} s")
+    maps = {name: maps[name] for name in which}
     write_volume(work / "mask.mrc", tr.mask, PX)
     rows = []
     optimisers = {}
     if relion:
-        optimisers = {1: relion_optimiser(work, star_one, tr.paths["consensus"], 1, box),
-                      2: relion_optimiser(work, star_cls, tr.paths["consensus"], 2, box)}
+        few = min(n, 1000)          # the optimiser only carries the model: the particles come with --data
+        optimisers = {k: relion_optimiser(work, head(s, few) if few < n else s, tr.paths["consensus"], k, box)
+                      for k, s in ((1, star_one), (2, star_cls)) if any(len(maps[m]) == k for m in maps)}
     n0 = max(1, n // 5)
     for name, vols in maps.items():
         k = len(vols)
@@ -178,6 +206,7 @@ def run_case(work: Path, n: int, box: int, snr: float, threads: int, seed: int, 
                    *[str(work / f"map_{j + 1}.mrc") for j in range(k)], "--mask", str(work / "mask.mrc"),
                    "--mask-meaning", "keep", "--out", str(out), "--threads", str(threads), "--device", device]
             row["ours" if size == n else "ours0"] = timed(cmd, work, work / f"{out.name}.log")
+        row["ours_loop"] = loop_rate(work / f"ours_{tag}_{n}.log")
         x = images_by_original(work / f"ours_{tag}_{n}" / "particles_subtracted.star", work, originals)
         row.update(ours_res=np.linalg.norm(x - ideal) / kept_norm, ours_res_rest=np.linalg.norm(x - ideal) / rest_norm)
         if relion:
@@ -205,11 +234,13 @@ def print_row(r: dict) -> None:
     n, n0 = r["n"], r["n0"]
 
     def describe(who: str, t: dict, t0: dict, res: float, res_rest: float) -> str:
-        return (f"{who}: residual {res:.3f} (/||sub|| {res_rest:.4f}); {n} images: {t['wall']:.2f} s wall "
+        return (f"{who}: residual {res:.3f} (/||sub|| {res_rest:.4f}); {n} images: whole run {t['wall']:.2f} s wall "
                 f"({n / t['wall']:.0f} img/s), {t['cpu']:.2f} s CPU ({n / t['cpu']:.0f} img/CPU-s), peak RSS "
                 f"{t['rss_mb']:.0f} MB ({t0['rss_mb']:.0f} MB for {n0}); marginal {marginal(t, t0, n, n0, 'wall'):.0f} "
-                f"img/s wall, {marginal(t, t0, n, n0, 'cpu'):.0f} img/CPU-s")
-    print(f"   {r['map']:<24} " + describe("ours", r["ours"], r["ours0"], r["ours_res"], r["ours_res_rest"]))
+                f"img/s wall, {marginal(t, t0, n, n0, 'cpu'):.0f} img/CPU-s; fixed "
+                f"{fixed_cost(t, t0, n, n0, 'wall'):.2f} s wall, {fixed_cost(t, t0, n, n0, 'cpu'):.2f} s CPU")
+    print(f"   {r['map']:<24} " + describe("ours", r["ours"], r["ours0"], r["ours_res"], r["ours_res_rest"])
+          + f"; loop {r['ours_loop']:.0f} img/s")
     if "relion" in r:
         print(f"   {'':<24} " + describe("RELION", r["relion"], r["relion0"], r["relion_res"], r["relion_res_rest"]))
         o, q = r["ours"], r["relion"]
@@ -233,6 +264,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
     p.add_argument("--device", default="cpu", help="device of our runs: cpu, cuda (RELION runs on the CPU)")
+    p.add_argument("--maps", nargs="+", choices=MAPS, default=list(MAPS),
+                   help="which maps to subtract with (the reconstructed ones cost three reconstructions)")
     a = p.parse_args()
     relion = shutil.which("relion_particle_subtract") is not None and shutil.which("relion_refine") is not None
     if not relion:
@@ -243,18 +276,26 @@ def main() -> None:
           f"{os.cpu_count()} CPUs on this machine, load average {os.getloadavg()[0]:.1f}")
     rows = []
     for snr in a.snr:
-        rows += run_case(work / f"snr_{snr}", a.particles, a.box, snr, a.threads, a.seed, relion, a.device)
-    print("\nsummary (residual = ||X' - ideal|| / ||kept||; throughput ratios ours/RELION, marginal = beyond the "
-          "first N/5 images):")
+        rows += run_case(work / f"snr_{snr}", a.particles, a.box, snr, a.threads, a.seed, relion, a.device,
+                         tuple(a.maps))
+    print(f"\nsummary, {a.particles} particles, box {a.box}, {a.threads} thread(s) / process(es) "
+          "(residual = ||X' - ideal|| / ||kept||; throughput ratios ours/RELION over the whole run and marginal "
+          "= beyond the first N/5 images; img/s: marginal wall; fixed: seconds of a run beyond its images):")
     print(f"{'SNR':>6} {'map':<24} {'ours':>7} {'RELION':>7} {'whole wall':>10} {'whole CPU':>9} "
-          f"{'marg. wall':>10} {'marg. CPU':>9}")
+          f"{'marg. wall':>10} {'marg. CPU':>9} {'ours img/s':>10} {'RELION img/s':>12} {'ours fixed':>10} "
+          f"{'RELION fixed':>12}")
+    nan = float("nan")
     for r in rows:
         rel = r.get("relion")
-        nan = float("nan")
+        n, n0 = r["n"], r["n0"]
         print(f"{r['snr']:>6} {r['map']:<24} {r['ours_res']:>7.3f} {r.get('relion_res', nan):>7.3f} "
               f"{(rel['wall'] / r['ours']['wall']) if rel else nan:>10.2f} "
               f"{(rel['cpu'] / r['ours']['cpu']) if rel else nan:>9.2f} "
-              f"{ratio(r, 'wall') if rel else nan:>10.2f} {ratio(r, 'cpu') if rel else nan:>9.2f}")
+              f"{ratio(r, 'wall') if rel else nan:>10.2f} {ratio(r, 'cpu') if rel else nan:>9.2f} "
+              f"{marginal(r['ours'], r['ours0'], n, n0, 'wall'):>10.0f} "
+              f"{marginal(rel, r['relion0'], n, n0, 'wall') if rel else nan:>12.0f} "
+              f"{fixed_cost(r['ours'], r['ours0'], n, n0, 'wall'):>10.2f} "
+              f"{fixed_cost(rel, r['relion0'], n, n0, 'wall') if rel else nan:>12.2f}")
     if tmp is not None:
         tmp.cleanup()
 

@@ -43,6 +43,13 @@ of the input image), hetRecentreShiftX/YAngst (t_i * pixel), hetRecentreCentreX/
 (c) and hetOriginalOriginX/YAngst (o_i). :func:`revert_particles` carries any later
 alignment (A, o') back to the original images: o = o' + t + (A c)[:2]; where the
 alignment is still the one written here, the stored o_i is restored bit for bit.
+
+On the CPU, the particles are split into contiguous ranges of whole batches, each processed
+by a worker process with one torch thread (``workers``, the command's --threads), forked once
+the maps are prepared: the per-image work is many small tensor operations, which scale with
+processes where torch's own threads do not. Every particle's place in the output stacks is
+known in advance, so each worker writes its own images; the results do not depend on the
+number of workers.
 """
 from __future__ import annotations
 
@@ -50,10 +57,15 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mrcfile
 import numpy as np
@@ -100,6 +112,7 @@ class SubtractOptions:
     ignore_class: bool = False          # one map for all even when rlnClassNumber is present
     batch_size: int = 256
     stack_size: int = 10000             # images per output stack file
+    workers: int = 0                    # CPU worker processes (0: torch's thread count); see _worker_count
     pad: int = 2
 
     def check(self, box: int) -> None:
@@ -122,6 +135,8 @@ class SubtractOptions:
             raise ValueError("the low-pass resolution must be positive (or None for no filter)")
         if self.batch_size < 1 or self.stack_size < 1:
             raise ValueError("batch_size and stack_size must be positive")
+        if self.workers < 0:
+            raise ValueError("workers must be 0 (torch's thread count) or positive")
 
 
 # ------------------------------------------------------------------ geometry
@@ -189,9 +204,9 @@ def _sample(grid: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, p
         order = torch.argsort(layer.to(torch.uint8 if size <= 256 else torch.int16), stable=True)
         pos = pos.index_select(0, order)
     out = sample_grid(grid, pos)
+    out = torch.complex(out[0::2], out[1::2])
     if order is not None:
         out = torch.empty_like(out).index_copy_(1, order, out)
-    out = torch.complex(out[0::2], out[1::2])
     return out.reshape(-1, rotations.shape[0], coords.shape[0])
 
 
@@ -207,7 +222,7 @@ def _shift_phase_separable(kx: torch.Tensor, ky: torch.Tensor, shift_x_px: torch
                      (-2.0 * math.pi / box) * shift_x_px[:, None] * axis[None, :])
     ey = torch.polar(torch.ones(1, device=kx.device, dtype=axis.dtype),
                      (-2.0 * math.pi / box) * shift_y_px[:, None] * axis[None, :])
-    return ex[:, kx.long() + box // 2] * ey[:, ky.long() + box // 2]
+    return ex.index_select(1, kx.long() + box // 2) * ey.index_select(1, ky.long() + box // 2)
 
 
 class MapProjector:
@@ -232,8 +247,11 @@ class MapProjector:
 
     def project(self, map_index: np.ndarray, rotations: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """(C, n, M) projections of the map of each particle (C = 1, or 2 with the kept part)."""
+        maps = np.unique(map_index)
+        if len(maps) == 1:
+            return _sample(self.grids[int(maps[0])], rotations, coords, self.pad)
         out = None
-        for k in np.unique(map_index):
+        for k in maps:
             sel = np.flatnonzero(map_index == k)
             vals = _sample(self.grids[int(k)], rotations[sel], coords, self.pad)
             if out is None:
@@ -275,74 +293,82 @@ def fit_scales(images: torch.Tensor, model: torch.Tensor, band: torch.Tensor, n_
 
 
 # ------------------------------------------------------------------ output stacks
-class StackWriter:
-    """Writes images batch by batch into MRC stacks of at most ``stack_size`` images (float32/float16).
+class OutputStacks:
+    """The output MRC stacks (float32/float16), created whole before any image is computed.
 
-    Headers are made by mrcfile; data go straight to the file, so memory stays at one batch.
+    Particle i goes to stack i // stack_size + 1 at index i % stack_size + 1: with every place
+    known in advance, worker processes write their own particle ranges independently, straight
+    to the files at their byte offsets (memory stays at one batch). Each writer accumulates the
+    header statistics of what it wrote (:meth:`new_statistics`, :meth:`write`); they are merged
+    and set once at the end (:meth:`set_statistics`).
     """
 
     def __init__(self, folder: Path, prefix: str, n_images: int, box: int, pixel_size_A: float,
                  dtype=np.float32, stack_size: int = 10000):
-        self.folder, self.prefix, self.box = Path(folder), prefix, box
-        self.n, self.pixel, self.dtype, self.stack_size = n_images, pixel_size_A, np.dtype(dtype), stack_size
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.done = 0
-        self._file = None
-        self._stats: dict[str, list] = {}
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.n, self.box, self.dtype, self.stack_size = n_images, box, np.dtype(dtype), stack_size
+        self.paths: list[str] = []
+        self._headers, self._offsets = [], []
+        for number, first in enumerate(range(0, n_images, stack_size)):
+            path = (folder / f"{prefix}_{number + 1:03d}.mrcs").resolve()
+            with mrcfile.new_mmap(str(path), shape=(min(stack_size, n_images - first), box, box),
+                                  mrc_mode=12 if self.dtype == np.float16 else 2, overwrite=True) as handle:
+                handle.set_image_stack()
+                handle.voxel_size = pixel_size_A
+                self._headers.append(handle.header.copy())
+                self._offsets.append(handle.header.nbytes + handle.extended_header.nbytes)
+            self.paths.append(str(path))
 
-    def _open(self, number: int, count: int) -> None:
-        path = self.folder / f"{self.prefix}_{number:03d}.mrcs"
-        handle = mrcfile.new_mmap(str(path), shape=(count, self.box, self.box),
-                                  mrc_mode=12 if self.dtype == np.float16 else 2, overwrite=True)
-        handle.set_image_stack()
-        handle.voxel_size = self.pixel
-        offset = handle.header.nbytes + handle.extended_header.nbytes
-        handle.close()
-        self._file = open(path, "r+b")
-        self._file.seek(offset)
-        self._path = path
-        self._stats[str(path)] = [np.inf, -np.inf, 0.0, 0.0, 0]
+    def names(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stack path and 1-based index in it of every particle."""
+        i = np.arange(self.n)
+        return np.array(self.paths, dtype=object)[i // self.stack_size], i % self.stack_size + 1
 
-    def write(self, images: np.ndarray) -> tuple[list[str], list[int]]:
-        """Append images (n, box, box); returns their stack paths and 1-based indices."""
-        if self.dtype == np.float16 and np.abs(images).max() > 65000:
+    def new_statistics(self) -> np.ndarray:
+        """Empty running statistics for :meth:`write`: (stacks, 5) min, max, sum, sum of squares, count."""
+        stats = np.zeros((len(self.paths), 5))
+        stats[:, 0], stats[:, 1] = np.inf, -np.inf
+        return stats
+
+    def write(self, first: int, images: np.ndarray, stats: np.ndarray) -> None:
+        """Write images (n, box, box) of particles ``first``, ``first`` + 1, ... and add them to ``stats``."""
+        if self.dtype == np.float16 and max(-float(images.min()), float(images.max())) > 65000:
             raise ValueError("image values exceed the float16 range (65504): normalise the particles "
                              "(e.g. RELION's extraction does) or write float32")
         data = np.ascontiguousarray(images, dtype=self.dtype)
-        paths, index = [], []
+        stored = data.astype(np.float32, copy=False).reshape(len(data), -1)    # the values as written
         pos = 0
         while pos < len(data):
-            number, within = divmod(self.done, self.stack_size)
-            if within == 0:
-                self.close()
-                self._open(number + 1, min(self.stack_size, self.n - self.done))
+            number, within = divmod(first + pos, self.stack_size)
             take = min(len(data) - pos, self.stack_size - within)
-            chunk = data[pos:pos + take]
-            self._file.write(chunk.tobytes())
-            st = self._stats[str(self._path)]
-            c64 = chunk.astype(np.float64)
-            st[0], st[1] = min(st[0], float(c64.min())), max(st[1], float(c64.max()))
-            st[2] += float(c64.sum())
-            st[3] += float((c64 * c64).sum())
-            st[4] += c64.size
-            paths += [str(self._path.resolve())] * take
-            index += list(range(within + 1, within + take + 1))
+            with open(self.paths[number], "r+b") as f:
+                f.seek(self._offsets[number] + within * data[0].nbytes)
+                f.write(data[pos:pos + take].data)
+            # each image summed in float32 (pairwise, accurate over one image), the images in float64:
+            # a fraction of the cost of converting the whole batch to float64
+            chunk, st = stored[pos:pos + take], stats[number]
+            st[0], st[1] = min(st[0], float(chunk.min())), max(st[1], float(chunk.max()))
+            st[2] += chunk.sum(1).sum(dtype=np.float64)
+            st[3] += np.einsum("ij,ij->i", chunk, chunk).sum(dtype=np.float64)
+            st[4] += chunk.size
             pos += take
-            self.done += take
-        return paths, index
 
-    def close(self) -> None:
-        """Close the current stack; header statistics are set when every stack is done."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self.done == self.n:
-            for path, (lo, hi, s, s2, count) in self._stats.items():
-                with mrcfile.mmap(path, mode="r+") as handle:
-                    mean = s / max(count, 1)
-                    handle.header.dmin, handle.header.dmax, handle.header.dmean = lo, hi, mean
-                    handle.header.rms = math.sqrt(max(s2 / max(count, 1) - mean * mean, 0.0))
-            self._stats = {}
+    def set_statistics(self, parts: list[np.ndarray]) -> None:
+        """Set each stack's dmin, dmax, dmean and rms from the writers' statistics.
+
+        Only the header is rewritten, in place: reopening the stack with mrcfile would map the
+        whole file and flush it to disk (msync) on closing.
+        """
+        parts = np.stack(parts)
+        lows, highs = parts[:, :, 0].min(0), parts[:, :, 1].max(0)
+        sums, squares, counts = parts[:, :, 2:].sum(0).T
+        for path, header, lo, hi, s, s2, count in zip(self.paths, self._headers, lows, highs, sums, squares, counts):
+            mean = s / max(count, 1)
+            header.dmin, header.dmax, header.dmean = lo, hi, mean
+            header.rms = math.sqrt(max(s2 / max(count, 1) - mean * mean, 0.0))
+            with open(path, "r+b") as f:
+                f.write(header.tobytes())
 
 
 # ------------------------------------------------------------------ the engine
@@ -387,6 +413,182 @@ def check_inputs(table: ParticleTable, maps: np.ndarray, mask: np.ndarray, box: 
         if px and abs(px - pixel_size_A) > 0.01 * pixel_size_A:
             raise ValueError(f"the {what} has {px:.4f} A/px but the particles {pixel_size_A:.4f} A/px: resample it")
     check_mask(mask, "mask")
+
+
+@dataclass
+class _Plan:
+    """What the batch loop needs, prepared once: worker processes inherit it when they are forked."""
+    ds: ParticleDataset
+    projector: MapProjector
+    stacks: OutputStacks
+    rotations: np.ndarray        # (N, 3, 3)
+    origins_A: np.ndarray        # (N, 2) RELION origins
+    cls: np.ndarray              # (N,) map of each particle
+    shifts: np.ndarray | None    # (N, 2) integer recentring shifts (px); None: no recentring
+    new_box: int
+    coords: torch.Tensor         # (M, 2) half-plane frequencies subtracted
+    flat: torch.Tensor           # (M,) their places in the flattened plain half-plane transform, kx-major
+    weights: torch.Tensor        # (M,) Hermitian weights
+    band: torch.Tensor           # (M,) scale band of each frequency (-1: k = 0)
+    n_bands: int
+    with_kept: bool              # fit scales (the kept density is projected too)
+    batch_size: int
+
+
+def _subtract_batch(plan: _Plan, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Subtracted (recentred, windowed) images (n, D', D') of ``rows`` and their scales (n, B) (None: not fitted)."""
+    ds, k = plan.ds, plan.coords
+    box, px = ds.box, ds.pixel_size_A
+    images = ds.images(rows)
+    rot = torch.as_tensor(plan.rotations[rows], dtype=ds.dtype, device=ds.device)
+    o = torch.as_tensor(box / 2 - plan.origins_A[rows] / px, dtype=ds.dtype, device=ds.device)
+    modulation = _shift_phase_separable(k[:, 0], k[:, 1], o[:, 0], o[:, 1], box) * ds.ctf(rows, k)
+    proj = plan.projector.project(plan.cls[rows], rot, k) * modulation[None]
+    # Half-plane transforms are laid out kx-major, (n, D/2 + 1, D): transforms over dims (-1, -2) of
+    # the transposed images, real axis x second; torch's inverse real transform is 1.3-1.7x faster so.
+    subtracted, scales = proj[0], None
+    if plan.with_kept:
+        x = torch.fft.rfft2(images.transpose(-1, -2), dim=(-1, -2)).reshape(len(rows), -1).index_select(1, plan.flat)
+        scales = fit_scales(x, proj[0] + proj[1], plan.band, plan.n_bands, plan.weights)
+        subtracted = scales[:, plan.band.clamp(min=0)] * subtracted
+    # X - F^-1(s P) (the transform is linear): no forward transform of the images but for the fit,
+    # and their values stay exact wherever nothing is subtracted
+    spectrum = torch.zeros((len(rows), (box // 2 + 1) * box), dtype=subtracted.dtype, device=ds.device)
+    spectrum.index_copy_(1, plan.flat, subtracted)
+    spectrum = spectrum.reshape(len(rows), box // 2 + 1, box)
+    images = images.sub_(torch.fft.irfft2(spectrum, s=(box, box), dim=(-1, -2)).transpose(-1, -2))
+    if plan.shifts is not None or plan.new_box != box:
+        images = translate_window(images, None if plan.shifts is None else plan.shifts[rows], plan.new_box)
+    return images, scales
+
+
+def _subtract_range(plan: _Plan, first: int, stop: int, report: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Subtract particles ``first`` .. ``stop`` - 1 batch by batch and write them at their places in the stacks.
+
+    The one batch loop, run in-process or by each worker process on its range. ``report(done)``
+    is called after each batch with the number of the range's particles done. Returns their
+    scales (stop - first, bands) and the statistics of what was written (see :class:`OutputStacks`).
+    """
+    scales = np.ones((stop - first, plan.n_bands))
+    stats = plan.stacks.new_statistics()
+    for rows in plan.ds.batches(plan.batch_size, np.arange(first, stop)):
+        images, s = _subtract_batch(plan, rows)
+        if s is not None:
+            scales[rows - first] = s.double().cpu().numpy()
+        plan.stacks.write(int(rows[0]), images.cpu().numpy(), stats)
+        plan.ds.reader.close()      # unmap the input stacks: pages read so far leave the resident set
+        report(int(rows[-1]) + 1 - first)
+    return scales, stats
+
+
+class _Progress:
+    """Progress lines: every 2 s, or at every batch when there are at most 20, and at the end."""
+
+    def __init__(self, n: int, n_batches: int, log):
+        self.n, self.every_batch, self.log = n, n_batches <= 20, log
+        self.start = self.last = time.perf_counter()
+        self.shown = 0
+
+    def show(self, done: int) -> None:
+        now = time.perf_counter()
+        if done != self.shown and (done == self.n or self.every_batch or now - self.last > 2.0):
+            self.last, self.shown = now, done
+            self.log(f"subtract: {done}/{self.n} particles ({100.0 * done / self.n:.0f}%), "
+                     f"{done / max(now - self.start, 1e-9):.0f} images/s")
+
+
+def _worker_count(requested: int, device: torch.device, n_batches: int) -> int:
+    """Worker processes: on the CPU, the cores asked for (0: torch's threads), at most one per two batches; else 1.
+
+    Processes with one torch thread each scale with the cores where torch's own threads do not:
+    the per-image work is many small operations (x1.1-1.5 on 2 threads), and threads that wait
+    for each other at every operation lose their time slices when the cores are shared.
+    """
+    if device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(requested or torch.get_num_threads(), n_batches // 2))
+
+
+def _batch_ranges(n: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous particle ranges made of whole batches, one per worker.
+
+    The batches are those of a single process, so the results do not depend on the number of
+    workers (band scales share a noise estimate within a batch).
+    """
+    n_batches = math.ceil(n / batch_size)
+    cuts = [min(n, batch_size * (n_batches * w // workers)) for w in range(workers + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _worker(plan: _Plan, first: int, stop: int, done, slot: int, conn) -> None:
+    """Body of a forked worker process: its range on one torch thread; sends back the result or the error.
+
+    One thread also keeps the child clear of the OpenMP thread pool, which a fork does not copy.
+    A worker whose parent is gone (killed) stops at its next batch instead of computing for nobody.
+    """
+    torch.set_num_threads(1)
+    parent = os.getppid()
+    try:
+        def report(count: int) -> None:
+            if os.getppid() != parent:
+                raise SystemExit("subtract: the parent process is gone")
+            done[slot] = count
+        conn.send(("ok", _subtract_range(plan, first, stop, report)))
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, ValueError) else traceback.format_exc()
+        conn.send(("error", (isinstance(exc, ValueError), message)))
+    finally:
+        conn.close()
+
+
+def _run_workers(plan: _Plan, ranges: list[tuple[int, int]],
+                 progress: _Progress) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_subtract_range` on each range in its own process, forked after everything is prepared.
+
+    The parent shows the progress from the workers' counters. A worker that fails or dies stops
+    the others and makes the subtraction fail (a ValueError as in one process, else a
+    RuntimeError): the STAR file is not written.
+    """
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.RawArray("q", len(ranges))
+    procs, pipes, results = [], {}, [None] * len(ranges)
+    try:
+        for w, (first, stop) in enumerate(ranges):
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(plan, first, stop, done, w, send), name=f"subtract-{w + 1}")
+            proc.start()
+            send.close()
+            procs.append(proc)
+            pipes[receive] = w
+        while pipes:
+            for conn in multiprocessing.connection.wait(list(pipes), timeout=0.5):
+                w = pipes.pop(conn)
+                first, stop = ranges[w]
+                where = f"worker process {w + 1} (particles {first + 1}..{stop})"
+                try:
+                    status, payload = conn.recv()
+                except EOFError:
+                    procs[w].join()
+                    code = procs[w].exitcode
+                    how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+                    raise RuntimeError(f"subtract: {where} ended without a result ({how}; out of memory?); "
+                                       "the subtraction is incomplete and no STAR file was written") from None
+                finally:
+                    conn.close()
+                if status == "error":
+                    value_error, message = payload
+                    if value_error:
+                        raise ValueError(message)
+                    raise RuntimeError(f"subtract: {where} failed; the subtraction is incomplete and no STAR file "
+                                       f"was written:\n{message}")
+                results[w] = payload
+            progress.show(sum(done))
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    return results
 
 
 def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray, out_dir: str | Path,
@@ -434,53 +636,35 @@ def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray,
     sel, k = ds.coords(r_max)
     # Work on the plain (uncentred) rfft2 layout: the centred transform is (-1)^(kx+ky) times it,
     # a sign folded into the projection's phase factor (a shift by D/2), so no fftshift is needed.
+    # The half-plane transforms are laid out kx-major, (D/2 + 1, D): see _subtract_batch.
     ky_plain = torch.remainder(k[:, 1].long(), box)
-    flat = ky_plain * (box // 2 + 1) + k[:, 0].long()
+    flat = k[:, 0].long() * box + ky_plain
     radius = torch.linalg.norm(k, dim=1)
     weights = torch.as_tensor(half_plane_hermitian_weights(box), dtype=ds.dtype, device=ds.device)[sel]
     n_bands = int(opt.scale_shells) if opt.scale == "shell" else 1
     r_top = box / 2 - 1
     band = torch.clamp((radius / (r_top + 1e-6) * n_bands).long(), max=n_bands - 1)
     band = torch.where(radius < 0.5, torch.full_like(band, -1), band)
-    band_apply = band.clamp(min=0)
-    scales = np.ones((n, n_bands))
+    stacks = OutputStacks(out / "Particles", "subtracted", n, new_box, px, PRECISIONS[opt.precision], opt.stack_size)
+    plan = _Plan(ds, projector, stacks, rotations, origins_A, cls, shifts if opt.recentre else None, new_box, k, flat,
+                 weights, band, n_bands, with_kept, opt.batch_size)
+    n_batches = math.ceil(n / opt.batch_size)
+    workers = _worker_count(opt.workers, ds.device, n_batches)
 
     log(f"subtract: {n} particles, box {box} -> {new_box}, {px:.3f} A/px, {len(maps)} map(s)"
         f"{' by class' if len(maps) > 1 and not opt.ignore_class else ''}, mask meaning '{opt.mask_meaning}', "
-        f"scale {opt.scale}, low-pass {opt.lowpass_A or 'none'}, output {opt.precision}, device {ds.device}")
-    writer = StackWriter(out / "Particles", "subtracted", n, new_box, px, PRECISIONS[opt.precision], opt.stack_size)
-    new_paths, new_index = [], []
-    start = last_log = time.perf_counter()
-    n_batches = math.ceil(n / opt.batch_size)
-    for b, rows in enumerate(ds.batches(opt.batch_size)):
-        ft = torch.fft.rfft2(ds.images(rows)).reshape(len(rows), -1)
-        x = ft[:, flat]
-        rot = torch.as_tensor(rotations[rows], dtype=ds.dtype, device=ds.device)
-        o = torch.as_tensor(box / 2 - origins_A[rows] / px, dtype=ds.dtype, device=ds.device)
-        modulation = _shift_phase_separable(k[:, 0], k[:, 1], o[:, 0], o[:, 1], box) * ds.ctf(rows, k)
-        proj = projector.project(cls[rows], rot, k) * modulation[None]
-        if with_kept:
-            s = fit_scales(x, proj[0] + proj[1], band, n_bands, weights)
-            scales[rows] = s.double().cpu().numpy()
-            x = x - s[:, band_apply] * proj[0]
-        else:
-            x = x - proj[0]
-        ft[:, flat] = x
-        images = torch.fft.irfft2(ft.reshape(len(rows), box, box // 2 + 1), s=(box, box))
-        if opt.recentre or new_box != box:
-            images = translate_window(images, shifts[rows] if opt.recentre else None, new_box)
-        p, i = writer.write(images.cpu().numpy())
-        ds.reader.close()      # unmap the input stacks: pages read so far leave the resident set
-        new_paths += p
-        new_index += i
-        now = time.perf_counter()
-        if now - last_log > 2.0 or b == n_batches - 1 or n_batches <= 20:
-            last_log = now
-            log(f"subtract: {writer.done}/{n} particles ({100.0 * writer.done / n:.0f}%), "
-                f"{writer.done / max(now - start, 1e-9):.0f} images/s")
-    writer.close()
-    elapsed = time.perf_counter() - start
+        f"scale {opt.scale}, low-pass {opt.lowpass_A or 'none'}, output {opt.precision}, device {ds.device}"
+        f"{f', {workers} worker processes' if workers > 1 else ''}")
+    progress = _Progress(n, n_batches, log)
+    if workers == 1:
+        parts = [_subtract_range(plan, 0, n, progress.show)]
+    else:
+        parts = _run_workers(plan, _batch_ranges(n, opt.batch_size, workers), progress)
+    scales = np.concatenate([scale for scale, _ in parts])
+    stacks.set_statistics([stats for _, stats in parts])
+    elapsed = time.perf_counter() - progress.start
     ds.close()
+    new_paths, new_index = stacks.names()
 
     updates = {ORIGINAL_NAME: _image_names(table.image_path, table.image_index),
                SCALE: scales.mean(1) if n_bands > 1 else scales[:, 0],
@@ -502,7 +686,7 @@ def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray,
                    by_class=bool(len(maps) > 1 and not opt.ignore_class), centre_A=centre_A.tolist(),
                    options=dataclasses.asdict(opt), seconds=elapsed, images_per_second=n / max(elapsed, 1e-9),
                    scale_mean=float(scales.mean()), scale_sd=float(scales.std()),
-                   particles_star=str(star), stacks=sorted(set(new_paths)))
+                   particles_star=str(star), stacks=stacks.paths)
     (out / "subtract.json").write_text(json.dumps(summary, indent=1))
     log(f"subtract: wrote {star} ({n} particles, {elapsed:.1f} s, {summary['images_per_second']:.0f} images/s)")
     return summary
@@ -626,7 +810,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack-size", type=int, default=o.stack_size, help="images per output stack file")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or auto (default: $HETPLUGIN_DEVICE, else auto)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU cores (0: torch's default): on the CPU, worker processes with one thread each over "
+                        "contiguous particle ranges (at least two batches each), else torch's threads")
     p.add_argument("--batch-size", type=int, default=o.batch_size, help="particles per batch (bounds memory)")
     p.add_argument("--root", default=None, help="folder that relative image paths are relative to")
 
@@ -636,7 +822,7 @@ def options_from_args(a: argparse.Namespace) -> SubtractOptions:
                            scale_shells=a.scale_shells, recentre=bool(a.recentre or a.centre is not None),
                            centre_A=tuple(a.centre) if a.centre is not None else None,
                            new_box=a.new_box or None, precision=a.precision, ignore_class=a.ignore_class,
-                           batch_size=a.batch_size, stack_size=a.stack_size)
+                           batch_size=a.batch_size, stack_size=a.stack_size, workers=max(a.threads, 0))
 
 
 def run(a: argparse.Namespace, log=print) -> dict:

@@ -6,6 +6,8 @@ ANALYTICALLY (Gaussian atoms), so the truth does not share the engine's Fourier 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from hetplugin.core.reconstruct import backproject_dataset
 from hetplugin.core.rotations import random_rotations
 from hetplugin.core.simulate_subtract import simulate_subtraction
 from hetplugin.core.starfile import read_particles, read_star, write_star
+from hetplugin.core import subtract as subtract_module
 from hetplugin.core.subtract import (CENTRE, ORIGINAL_NAME, SCALE, SHIFT, SubtractOptions, _sample, revert_particles,
                                      shell_scale_label, subtract_particles)
 from hetplugin.core.projection import slice_grid
@@ -253,6 +256,72 @@ def test_float16_and_windowing(noisy, noisy_subtracted, tmp_path):
     size16 = sum(read_header(p).nx ** 2 * read_header(p).nz * 2 for p in set(t.image_path.tolist()))
     assert size16 == 300 * 40 * 40 * 2
     assert np.allclose(t.shift_x_A, read_particles(noisy.star).shift_x_A)   # windowing keeps the origins
+
+
+# ------------------------------------------------------------------ worker processes
+def test_worker_processes_give_the_one_process_result(noisy, tmp_path):
+    """Two forked workers (ranges of whole batches, crossing stack boundaries) write what one process writes."""
+    table = read_particles(noisy.star)
+    opts = dict(scale="shell", scale_shells=3, recentre=True, new_box=48, batch_size=50, stack_size=128)
+    logs = {1: [], 2: []}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)            # as in each worker (and fast on a loaded machine)
+        subtract_particles(table, noisy.maps, noisy.mask, tmp_path / "1", SubtractOptions(workers=1, **opts),
+                           log=logs[1].append)
+    finally:
+        torch.set_num_threads(threads)
+    subtract_particles(table, noisy.maps, noisy.mask, tmp_path / "2", SubtractOptions(workers=2, **opts),
+                       log=logs[2].append)
+    text = {w: "\n".join(lines) for w, lines in logs.items()}
+    assert "2 worker processes" in text[2] and "worker processes" not in text[1]
+    assert "subtract: 300/300 particles (100%)" in text[2]
+    (x, one), (y, two) = (images_of(tmp_path / str(w) / "particles_subtracted.star") for w in (1, 2))
+    assert np.array_equal(x, y)                                    # the same batches, each on one thread
+    assert np.array_equal(one.image_index, two.image_index)
+    assert [os.path.basename(p) for p in one.image_path] == [os.path.basename(p) for p in two.image_path]
+    for label in (SCALE, shell_scale_label(1), shell_scale_label(3), SHIFT[0], "rlnOriginXAngst", ORIGINAL_NAME):
+        assert np.array_equal(one.columns[label], two.columns[label]), label
+    assert np.ptp(one.columns[shell_scale_label(1)]) > 0          # scales were fitted, per particle
+    stacks = sorted(set(one.image_path.tolist())), sorted(set(two.image_path.tolist()))
+    assert len(stacks[0]) == 3                                     # 300 images in stacks of 128
+    for a, b in zip(*stacks):
+        ha, hb = read_header(a), read_header(b)
+        assert (ha.nx, ha.nz) == (hb.nx, hb.nz)
+        with open(a, "rb") as fa, open(b, "rb") as fb:                # dmin, dmax, dmean (bytes 76-88), rms (216)
+            head_a, head_b = np.frombuffer(fa.read(1024), np.float32), np.frombuffer(fb.read(1024), np.float32)
+        assert np.allclose(head_a[[19, 20, 21, 54]], head_b[[19, 20, 21, 54]], rtol=1e-5)
+        data = x[[i for i, p in enumerate(one.image_path) if p == a]]
+        assert np.isclose(head_a[21], data.mean(), rtol=1e-4, atol=1e-6)
+        assert np.isclose(head_a[54], data.std(), rtol=1e-4)
+
+
+def test_a_failing_worker_fails_the_subtraction(noisy, tmp_path, monkeypatch):
+    """An error or a killed worker process stops the others and the run: no STAR file is written."""
+    table = read_particles(noisy.star)
+    batch = subtract_module._subtract_batch
+
+    def bad_value():
+        raise ValueError("particle 151 is bad")
+
+    def bug():
+        return 1 / 0
+
+    def killed():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    cases = [(bad_value, ValueError, "particle 151 is bad"), (bug, RuntimeError, "ZeroDivisionError"),
+             (killed, RuntimeError, r"particles 151\.\.300\) ended without a result \(killed by SIGKILL")]
+    for fail, error, message in cases:
+        def failing_batch(plan, rows):
+            if rows[0] >= 150:              # the second worker's range
+                fail()
+            return batch(plan, rows)
+        monkeypatch.setattr(subtract_module, "_subtract_batch", failing_batch)
+        with pytest.raises(error, match=message):
+            subtract_particles(table, noisy.maps, noisy.mask, tmp_path / fail.__name__,
+                               SubtractOptions(workers=2, batch_size=50), log=quiet)
+        assert not (tmp_path / fail.__name__ / "particles_subtracted.star").exists()
 
 
 # ------------------------------------------------------------------ bad input
