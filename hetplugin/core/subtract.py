@@ -45,24 +45,20 @@ alignment (A, o') back to the original images: o = o' + t + (A c)[:2]; where the
 alignment is still the one written here, the stored o_i is restored bit for bit.
 
 On the CPU, the particles are split into contiguous ranges of whole batches, each processed
-by a worker process with one torch thread (``workers``, the command's --threads), forked once
-the maps are prepared: the per-image work is many small tensor operations, which scale with
-processes where torch's own threads do not. Every particle's place in the output stacks is
-known in advance, so each worker writes its own images; the results do not depend on the
-number of workers.
+by a worker process with one torch thread (:mod:`hetplugin.core.workers`; ``workers``, the
+command's --threads), forked once the maps are prepared. Every particle's place in the
+output stacks is known in advance, so each worker writes its own images; the results do
+not depend on the number of workers.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import signal
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,6 +75,7 @@ from .mrc import check_images, read_volume, strip_format_suffix
 from .projection import prepare_volume, sample_grid, slice_grid
 from .rotations import euler_to_matrix
 from .starfile import ParticleTable, read_particles, write_particles
+from .workers import Progress, batch_ranges, run_in_workers, worker_count
 
 MASK_MEANINGS = ("keep", "subtract")
 SCALE_MODES = ("none", "particle", "shell")
@@ -112,7 +109,7 @@ class SubtractOptions:
     ignore_class: bool = False          # one map for all even when rlnClassNumber is present
     batch_size: int = 256
     stack_size: int = 10000             # images per output stack file
-    workers: int = 0                    # CPU worker processes (0: torch's thread count); see _worker_count
+    workers: int = 0                    # CPU worker processes (0: torch's thread count); see workers.worker_count
     pad: int = 2
 
     def check(self, box: int) -> None:
@@ -481,116 +478,6 @@ def _subtract_range(plan: _Plan, first: int, stop: int, report: Callable[[int], 
     return scales, stats
 
 
-class _Progress:
-    """Progress lines: every 2 s, or at every batch when there are at most 20, and at the end."""
-
-    def __init__(self, n: int, n_batches: int, log):
-        self.n, self.every_batch, self.log = n, n_batches <= 20, log
-        self.start = self.last = time.perf_counter()
-        self.shown = 0
-
-    def show(self, done: int) -> None:
-        now = time.perf_counter()
-        if done != self.shown and (done == self.n or self.every_batch or now - self.last > 2.0):
-            self.last, self.shown = now, done
-            self.log(f"subtract: {done}/{self.n} particles ({100.0 * done / self.n:.0f}%), "
-                     f"{done / max(now - self.start, 1e-9):.0f} images/s")
-
-
-def _worker_count(requested: int, device: torch.device, n_batches: int) -> int:
-    """Worker processes: on the CPU, the cores asked for (0: torch's threads), at most one per two batches; else 1.
-
-    Processes with one torch thread each scale with the cores where torch's own threads do not:
-    the per-image work is many small operations (x1.1-1.5 on 2 threads), and threads that wait
-    for each other at every operation lose their time slices when the cores are shared.
-    """
-    if device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
-        return 1
-    return max(1, min(requested or torch.get_num_threads(), n_batches // 2))
-
-
-def _batch_ranges(n: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous particle ranges made of whole batches, one per worker.
-
-    The batches are those of a single process, so the results do not depend on the number of
-    workers (band scales share a noise estimate within a batch).
-    """
-    n_batches = math.ceil(n / batch_size)
-    cuts = [min(n, batch_size * (n_batches * w // workers)) for w in range(workers + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _worker(plan: _Plan, first: int, stop: int, done, slot: int, conn) -> None:
-    """Body of a forked worker process: its range on one torch thread; sends back the result or the error.
-
-    One thread also keeps the child clear of the OpenMP thread pool, which a fork does not copy.
-    A worker whose parent is gone (killed) stops at its next batch instead of computing for nobody.
-    """
-    torch.set_num_threads(1)
-    parent = os.getppid()
-    try:
-        def report(count: int) -> None:
-            if os.getppid() != parent:
-                raise SystemExit("subtract: the parent process is gone")
-            done[slot] = count
-        conn.send(("ok", _subtract_range(plan, first, stop, report)))
-    except BaseException as exc:
-        message = str(exc) if isinstance(exc, ValueError) else traceback.format_exc()
-        conn.send(("error", (isinstance(exc, ValueError), message)))
-    finally:
-        conn.close()
-
-
-def _run_workers(plan: _Plan, ranges: list[tuple[int, int]],
-                 progress: _Progress) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`_subtract_range` on each range in its own process, forked after everything is prepared.
-
-    The parent shows the progress from the workers' counters. A worker that fails or dies stops
-    the others and makes the subtraction fail (a ValueError as in one process, else a
-    RuntimeError): the STAR file is not written.
-    """
-    ctx = multiprocessing.get_context("fork")
-    done = ctx.RawArray("q", len(ranges))
-    procs, pipes, results = [], {}, [None] * len(ranges)
-    try:
-        for w, (first, stop) in enumerate(ranges):
-            receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(plan, first, stop, done, w, send), name=f"subtract-{w + 1}")
-            proc.start()
-            send.close()
-            procs.append(proc)
-            pipes[receive] = w
-        while pipes:
-            for conn in multiprocessing.connection.wait(list(pipes), timeout=0.5):
-                w = pipes.pop(conn)
-                first, stop = ranges[w]
-                where = f"worker process {w + 1} (particles {first + 1}..{stop})"
-                try:
-                    status, payload = conn.recv()
-                except EOFError:
-                    procs[w].join()
-                    code = procs[w].exitcode
-                    how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
-                    raise RuntimeError(f"subtract: {where} ended without a result ({how}; out of memory?); "
-                                       "the subtraction is incomplete and no STAR file was written") from None
-                finally:
-                    conn.close()
-                if status == "error":
-                    value_error, message = payload
-                    if value_error:
-                        raise ValueError(message)
-                    raise RuntimeError(f"subtract: {where} failed; the subtraction is incomplete and no STAR file "
-                                       f"was written:\n{message}")
-                results[w] = payload
-            progress.show(sum(done))
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
-    return results
-
-
 def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray, out_dir: str | Path,
                        options: SubtractOptions | None = None, device: torch.device | str = "cpu",
                        log=print, map_pixels: list | None = None, mask_pixel: float | None = None) -> dict:
@@ -649,17 +536,18 @@ def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray,
     plan = _Plan(ds, projector, stacks, rotations, origins_A, cls, shifts if opt.recentre else None, new_box, k, flat,
                  weights, band, n_bands, with_kept, opt.batch_size)
     n_batches = math.ceil(n / opt.batch_size)
-    workers = _worker_count(opt.workers, ds.device, n_batches)
+    workers = worker_count(opt.workers, ds.device, n_batches)
 
     log(f"subtract: {n} particles, box {box} -> {new_box}, {px:.3f} A/px, {len(maps)} map(s)"
         f"{' by class' if len(maps) > 1 and not opt.ignore_class else ''}, mask meaning '{opt.mask_meaning}', "
         f"scale {opt.scale}, low-pass {opt.lowpass_A or 'none'}, output {opt.precision}, device {ds.device}"
         f"{f', {workers} worker processes' if workers > 1 else ''}")
-    progress = _Progress(n, n_batches, log)
+    progress = Progress("subtract", n, n_batches, log)
     if workers == 1:
         parts = [_subtract_range(plan, 0, n, progress.show)]
     else:
-        parts = _run_workers(plan, _batch_ranges(n, opt.batch_size, workers), progress)
+        ranges = batch_ranges(n, opt.batch_size, workers)
+        parts = run_in_workers("subtract", functools.partial(_subtract_range, plan), ranges, progress)
     scales = np.concatenate([scale for scale, _ in parts])
     stacks.set_statistics([stats for _, stats in parts])
     elapsed = time.perf_counter() - progress.start
