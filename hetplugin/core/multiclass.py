@@ -135,6 +135,8 @@ class MulticlassRefiner:
         self.r_limit = self.box / 2 - 1
         if options.resolution_limit_A:
             self.r_limit = min(self.r_limit, self.box * self.px / options.resolution_limit_A)
+        # the E-step's first and lowest frequency limit (index units): the initial low-pass
+        self.r_initial = min(self.box * self.px / options.initial_lowpass_A, self.r_limit)
 
     # ------------------------------------------------------------------ set-up
     def initial_state(self, references: np.ndarray) -> MulticlassState:
@@ -153,11 +155,10 @@ class MulticlassRefiner:
         for j in range(k):
             ref = torch.as_tensor(refs[j % refs.shape[0]])
             maps.append(lowpass_volume(ref, self.opt.initial_lowpass_A, self.px).numpy() * self.solvent)
-        r0 = min(self.box * self.px / self.opt.initial_lowpass_A, self.r_limit)
         rot = self.ds.rotations() if self.ds.has_alignment else np.tile(np.eye(3), (n, 1, 1))
         return MulticlassState(
             iteration=0, maps=np.stack(maps), half_maps=np.stack([maps, maps]), class_prior=np.full(k, 1.0 / k), sigma2=self.initial_sigma2(),
-            r_current=float(r0), rotations=rot, origins_px=self.ds.origins_px().copy(),
+            r_current=float(self.r_initial), rotations=rot, origins_px=self.ds.origins_px().copy(),
             classes=np.full(n, -1), posteriors=np.full((n, k), 1.0 / k), max_prob=np.zeros(n), loglik=np.zeros(n),
             n_significant=np.zeros(n, dtype=np.int64), evidence=np.zeros((n, k)), resolution_A=np.full(k, np.inf),
             fsc_curves=np.zeros((k, self.box // 2 + 1)), one_reference=bool(refs.shape[0] == 1 and k > 1),
@@ -189,7 +190,7 @@ class MulticlassRefiner:
         if state.one_reference and it == opt.alignment_iterations + 1 and it > 1:
             # classes are split at low resolution, where conformations differ most and class maps
             # from a fraction of the particles are still well determined; frequencies then march out
-            r_cur = min(r_cur, self.box * self.px / opt.initial_lowpass_A)
+            r_cur = min(r_cur, self.r_initial)
             state.sigma2 = self.initial_sigma2()
         grid_box = int(min(self.box, 2 * math.ceil(r_cur + 2)))
         grid_box += grid_box % 2
@@ -264,8 +265,6 @@ class MulticlassRefiner:
                 res = self._fine_search(x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile,
                                         ang_prior, log_prior, None if forced is None else forced[rows], temperature)
                 self._accumulate(res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den)
-                if __import__('os').environ.get('HP_TRIM'):
-                    __import__('ctypes').CDLL('libc.so.6').malloc_trim(0)
         return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning)
 
     def temperature(self, state: MulticlassState) -> float:
@@ -341,7 +340,7 @@ class MulticlassRefiner:
             d_rot, shifts, _ = self._local_candidates()
             t, n_rot, n_shift = 1, len(d_rot), len(shifts)
         per_image = 24 * k_cls * t * (n_rot + n_shift) * m
-        return int(np.clip(BATCH_BYTES // max(per_image, 1), 8, max(self.opt.batch_size, 8)))
+        return int(min(self.opt.batch_size, max(8, BATCH_BYTES // max(per_image, 1))))
 
     def _fine_search(self, x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile, local_prior,
                      log_prior, forced, temperature):
@@ -508,8 +507,7 @@ class MulticlassRefiner:
             # classification gains nothing from frequencies where the classes do not differ
             # reproducibly: cap the E-step where the half-sets' class-difference maps decorrelate
             best_shell = min(best_shell, self._difference_shell(raw, r_cur))
-        r_next = float(np.clip(best_shell + 4.0, min(self.box * self.px / opt.initial_lowpass_A, self.r_limit),
-                               self.r_limit))
+        r_next = float(np.clip(best_shell + 4.0, self.r_initial, self.r_limit))
         changed = float(np.mean(new["cls"] != state.classes)) if min(state.classes.min(), new["cls"].min()) >= 0 \
             else 1.0
         ang = angular_distance_deg(new["rot"], state.rotations)
@@ -539,7 +537,7 @@ class MulticlassRefiner:
         chance (measured: -0.13 at shell 1 with 0.4-0.85 from shell 2 to 13) would send the
         E-step, and the class maps with it, back to the initial resolution."""
         mean = [np.mean([r[h] for r in raw], axis=0) for h in (0, 1)]
-        floor = int(math.ceil(min(self.box * self.px / self.opt.initial_lowpass_A, self.r_limit)))
+        floor = int(math.ceil(self.r_initial))
         shell = 0.0
         for r in raw:
             curve = fsc((r[0] - mean[0]) * self.fsc_mask, (r[1] - mean[1]) * self.fsc_mask)

@@ -116,7 +116,7 @@ def project_ft(volume_ft: torch.Tensor, rotations: torch.Tensor, coords: torch.T
     # rotations go through in chunks of ~2^18 points on the CPU: the position and sample
     # temporaries of all at once (tens of MB each) are what set the E-step's peak memory
     step = max(1, (PROJECT_CHUNK_POINTS if grid.device.type == "cpu" else 64 * PROJECT_CHUNK_POINTS) // max(m, 1))
-    for start in range(0, n_rot, step):
+    for start in range(0, n_rot if m else 0, step):
         pos = torch.einsum("mi,rij->rmj", c, rot[start:start + step, :2, :]) * pad + size // 2
         vals = sample_grid(grid, (pos * (2.0 / (size - 1)) - 1.0).reshape(-1, 3))
         out[start:start + step] = torch.complex(vals[0], vals[1]).reshape(-1, m)

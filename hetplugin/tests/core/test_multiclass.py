@@ -168,7 +168,7 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
     import torch
     from hetplugin.core.fourier import fftn_centered, ifftn_centered, radial_index
     from hetplugin.core.masks import spherical_mask
-    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner
+    from hetplugin.core.multiclass import MulticlassRefiner
 
     box, px = 32, 4.0
     rng = np.random.default_rng(0)
@@ -181,6 +181,6 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
 
     refiner = MulticlassRefiner.__new__(MulticlassRefiner)
     refiner.box, refiner.px, refiner.r_limit = box, px, box / 2 - 1
-    refiner.opt = MulticlassOptions(initial_lowpass_A=30.0)
+    refiner.r_initial = box * px / 30.0          # an initial low-pass of 30 A: shell 4.3
     refiner.fsc_mask = np.ones((box,) * 3, np.float32)
     assert refiner._difference_shell(raw, r_cur=12.0) >= 10.0
