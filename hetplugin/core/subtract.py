@@ -47,8 +47,8 @@ alignment is still the one written here, the stored o_i is restored bit for bit.
 On the CPU, the particles are split into contiguous ranges of whole batches, each processed
 by a worker process with one torch thread (:mod:`hetplugin.core.workers`; ``workers``, the
 command's --threads), forked once the maps are prepared. Every particle's place in the
-output stacks is known in advance, so each worker writes its own images; the results do
-not depend on the number of workers.
+output stacks is known in advance, so each worker writes its own images; worker runs give the
+results of a one-thread run whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ class OutputStacks:
                  dtype=np.float32, stack_size: int = 10000):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.n, self.box, self.dtype, self.stack_size = n_images, box, np.dtype(dtype), stack_size
+        self.n, self.dtype, self.stack_size = n_images, np.dtype(dtype), stack_size
         self.paths: list[str] = []
         self._headers, self._offsets = [], []
         for number, first in enumerate(range(0, n_images, stack_size)):
@@ -342,7 +342,7 @@ class OutputStacks:
             with open(self.paths[number], "r+b") as f:
                 f.seek(self._offsets[number] + within * data[0].nbytes)
                 f.write(data[pos:pos + take].data)
-            # each image summed in float32 (pairwise, accurate over one image), the images in float64:
+            # per image in float32, over images in float64 (header statistics only):
             # a fraction of the cost of converting the whole batch to float64
             chunk, st = stored[pos:pos + take], stats[number]
             st[0], st[1] = min(st[0], float(chunk.min())), max(st[1], float(chunk.max()))
@@ -449,7 +449,7 @@ def _subtract_batch(plan: _Plan, rows: np.ndarray) -> tuple[torch.Tensor, torch.
         scales = fit_scales(x, proj[0] + proj[1], plan.band, plan.n_bands, plan.weights)
         subtracted = scales[:, plan.band.clamp(min=0)] * subtracted
     # X - F^-1(s P) (the transform is linear): no forward transform of the images but for the fit,
-    # and their values stay exact wherever nothing is subtracted
+    # and the frequencies not subtracted skip a transform round trip
     spectrum = torch.zeros((len(rows), (box // 2 + 1) * box), dtype=subtracted.dtype, device=ds.device)
     spectrum.index_copy_(1, plan.flat, subtracted)
     spectrum = spectrum.reshape(len(rows), box // 2 + 1, box)
@@ -532,6 +532,9 @@ def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray,
     r_top = box / 2 - 1
     band = torch.clamp((radius / (r_top + 1e-6) * n_bands).long(), max=n_bands - 1)
     band = torch.where(radius < 0.5, torch.full_like(band, -1), band)
+    star = out / "particles_subtracted.star"
+    for stale in (star, out / "subtract.json"):      # a former run's results would point at the new stacks
+        stale.unlink(missing_ok=True)
     stacks = OutputStacks(out / "Particles", "subtracted", n, new_box, px, PRECISIONS[opt.precision], opt.stack_size)
     plan = _Plan(ds, projector, stacks, rotations, origins_A, cls, shifts if opt.recentre else None, new_box, k, flat,
                  weights, band, n_bands, with_kept, opt.batch_size)
@@ -543,15 +546,21 @@ def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray,
         f"scale {opt.scale}, low-pass {opt.lowpass_A or 'none'}, output {opt.precision}, device {ds.device}"
         f"{f', {workers} worker processes' if workers > 1 else ''}")
     progress = Progress("subtract", n, n_batches, log)
-    if workers == 1:
-        parts = [_subtract_range(plan, 0, n, progress.show)]
-    else:
-        ranges = batch_ranges(n, opt.batch_size, workers)
-        parts = run_in_workers("subtract", functools.partial(_subtract_range, plan), ranges, progress)
+    try:
+        if workers == 1:
+            parts = [_subtract_range(plan, 0, n, progress.show)]
+        else:
+            ranges = batch_ranges(n, opt.batch_size, workers)
+            parts = run_in_workers("subtract", functools.partial(_subtract_range, plan), ranges, progress)
+    except BaseException:
+        for path in stacks.paths:       # half-written stacks must not pass for results
+            Path(path).unlink(missing_ok=True)
+        raise
+    finally:
+        ds.close()
     scales = np.concatenate([scale for scale, _ in parts])
     stacks.set_statistics([stats for _, stats in parts])
     elapsed = time.perf_counter() - progress.start
-    ds.close()
     new_paths, new_index = stacks.names()
 
     updates = {ORIGINAL_NAME: _image_names(table.image_path, table.image_index),
@@ -568,7 +577,6 @@ def subtract_particles(table: ParticleTable, maps: np.ndarray, mask: np.ndarray,
         moved = np.stack([np.asarray(columns[label], np.float64) for label in PRIORS], 1) + new_origins_A - origins_A
         columns[PRIORS[0]], columns[PRIORS[1]] = moved[:, 0], moved[:, 1]
     new_table = _retarget(table, new_paths, new_index, new_box, new_origins_A, columns)
-    star = out / "particles_subtracted.star"
     write_particles(star, new_table, updates)
     summary = dict(n_particles=n, box=box, new_box=new_box, pixel_size_A=px, n_maps=len(maps),
                    by_class=bool(len(maps) > 1 and not opt.ignore_class), centre_A=centre_A.tolist(),

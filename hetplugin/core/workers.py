@@ -92,11 +92,14 @@ def run_in_workers(name: str, work: RangeWork, ranges: list[tuple[int, int]], pr
     try:
         for w, (first, stop) in enumerate(ranges):
             receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(name, work, first, stop, done, w, send), name=f"{name}-{w + 1}")
-            proc.start()
-            send.close()
-            procs.append(proc)
             pipes[receive] = w
+            try:
+                proc = ctx.Process(target=_worker, args=(name, work, first, stop, done, w, send),
+                                   name=f"{name}-{w + 1}")
+                proc.start()
+            finally:
+                send.close()
+            procs.append(proc)
         while pipes:
             for conn in multiprocessing.connection.wait(list(pipes), timeout=0.5):
                 w = pipes.pop(conn)
@@ -121,6 +124,8 @@ def run_in_workers(name: str, work: RangeWork, ranges: list[tuple[int, int]], pr
                 results[w] = payload
             progress.show(sum(done))
     finally:
+        for conn in pipes:
+            conn.close()
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,8 +298,12 @@ def test_worker_processes_give_the_one_process_result(noisy, tmp_path):
 
 
 def test_a_failing_worker_fails_the_subtraction(noisy, tmp_path, monkeypatch):
-    """An error or a killed worker process stops the others and the run: no STAR file is written."""
+    """An error or a killed worker process stops the others and the run: no STAR file is written,
+    the half-written stacks are removed, and a former run's results in the folder go too."""
     table = read_particles(noisy.star)
+    former = subtract_particles(table.subset(np.arange(20)), noisy.maps, noisy.mask, tmp_path / "bad_value",
+                                SubtractOptions(batch_size=50), log=quiet)
+    assert Path(former["particles_star"]).exists()
     batch = subtract_module._subtract_batch
 
     def bad_value():
@@ -322,6 +327,8 @@ def test_a_failing_worker_fails_the_subtraction(noisy, tmp_path, monkeypatch):
             subtract_particles(table, noisy.maps, noisy.mask, tmp_path / fail.__name__,
                                SubtractOptions(workers=2, batch_size=50), log=quiet)
         assert not (tmp_path / fail.__name__ / "particles_subtracted.star").exists()
+        assert not (tmp_path / fail.__name__ / "subtract.json").exists()
+        assert not list((tmp_path / fail.__name__ / "Particles").glob("*.mrcs"))
 
 
 # ------------------------------------------------------------------ bad input
