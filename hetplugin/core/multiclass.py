@@ -535,7 +535,8 @@ class MulticlassRefiner:
         Shells below the initial low-pass (the E-step's lowest limit anyway) do not count: the
         first shells hold a handful of coefficients, and one of them dipping below 0.143 by
         chance (measured: -0.13 at shell 1 with 0.4-0.85 from shell 2 to 13) would send the
-        E-step, and the class maps with it, back to the initial resolution."""
+        E-step, and the class maps with it, back to the initial resolution. Above them, a shell
+        counts as a crossing only when the next one is below 0.143 too, for the same reason."""
         mean = [np.mean([r[h] for r in raw], axis=0) for h in (0, 1)]
         floor = int(math.ceil(self.r_initial))
         shell = 0.0
@@ -543,6 +544,7 @@ class MulticlassRefiner:
             curve = fsc((r[0] - mean[0]) * self.fsc_mask, (r[1] - mean[1]) * self.fsc_mask)
             curve[np.arange(len(curve)) > r_cur] = 0.0
             curve[:floor] = 1.0
+            curve[:-1] = np.maximum(curve[:-1], curve[1:])
             shell = max(shell, self.box * self.px / resolution_at(curve, 0.143, self.box, self.px))
         return shell
 
