@@ -131,6 +131,12 @@ class MulticlassRefiner:
         # local iterations: half the step within one step of the current pose, half-step shifts
         self.local_rot = local_grid(0.5 * step, step + 1e-6)
         self.local_shift = shift_grid(self.shift_step_px * math.sqrt(2) * 0.5 + 1e-6, 0.5 * self.shift_step_px)
+        self.local_range_deg = step
+        if options.local_search_deg > 0 and dataset.has_alignment:
+            # particles with alignment: the user's range around it at the fine step, full origin range
+            self.local_rot = local_grid(step, options.local_search_deg)
+            self.local_shift = shift_grid(self.shift_range_px, self.shift_step_px)
+            self.local_range_deg = options.local_search_deg
         self.halves = np.where(np.random.default_rng(options.seed).permutation(len(dataset)) % 2 == 0, 1, 2)
         self.r_limit = self.box / 2 - 1
         if options.resolution_limit_A:
@@ -319,13 +325,6 @@ class MulticlassRefiner:
             orgs.append(torch.gather(cand, 1, s_idx[..., None].expand(-1, -1, 2)))
         return torch.stack(rots, 1), torch.stack(orgs, 1)  # (B, K, T, 3, 3), (B, K, T, 2)
 
-    def _local_candidates(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Rotation offsets, origin offsets and angular range (deg) of a local search."""
-        if self.opt.local_search_deg > 0 and self.ds.has_alignment:
-            return (local_grid(self.opt.angular_step_deg, self.opt.local_search_deg),
-                    shift_grid(self.shift_range_px, self.shift_step_px), self.opt.local_search_deg)
-        return self.local_rot, self.local_shift, self.opt.angular_step_deg
-
     def _batch_size(self, k_cls: int, global_search: bool, m: int) -> int:
         """Images per E-step batch: at most ``batch_size``, and few enough that the fine search's
         per-batch tensors (projections, their power, shifted and weighted images: ~24 bytes per
@@ -337,8 +336,7 @@ class MulticlassRefiner:
         if global_search:
             t, n_rot, n_shift = self.opt.top_poses, len(self.fine_rot), len(self.fine_shift)
         else:
-            d_rot, shifts, _ = self._local_candidates()
-            t, n_rot, n_shift = 1, len(d_rot), len(shifts)
+            t, n_rot, n_shift = 1, len(self.local_rot), len(self.local_shift)
         per_image = 24 * k_cls * t * (n_rot + n_shift) * m
         return int(min(self.opt.batch_size, max(8, BATCH_BYTES // max(per_image, 1))))
 
@@ -347,8 +345,8 @@ class MulticlassRefiner:
         """Posterior over fine candidates around each centre; returns the per-candidate pieces."""
         b, k_cls, t = centres_rot.shape[:3]
         if local_prior:
-            d_rot, shifts, rng_deg = self._local_candidates()
-            sigma = max(rng_deg / 2.0, 1e-3)
+            d_rot, shifts = self.local_rot, self.local_shift
+            sigma = max(self.local_range_deg / 2.0, 1e-3)
             d_ang = angular_distance_deg(d_rot, np.eye(3))
             rot_prior = torch.as_tensor(-0.5 * (d_ang / sigma) ** 2, dtype=self.dtype, device=self.device)
         else:
