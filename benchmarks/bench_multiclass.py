@@ -121,12 +121,20 @@ def main() -> None:
                    help="RELION's iterations (default --iterations; fewer when its run would take hours)")
     p.add_argument("--skip-relion", action="store_true")
     p.add_argument("--device", default="cpu", help="device of our run: cpu, cuda (RELION runs on the CPU)")
+    p.add_argument("--maps", nargs="+", default=None, metavar="MRC",
+                   help="simulate from these class maps (one per class, same box; e.g. maps of atomic models) "
+                        "instead of the built-in pseudo-atomic phantoms; sets --classes, --box and --pixel-size")
     a = p.parse_args()
+    volumes = None
+    if a.maps:
+        volumes = np.stack([read_volume(m)[0] for m in a.maps])
+        a.classes, a.box = len(volumes), volumes.shape[-1]
+        a.pixel_size = read_volume(a.maps[0])[1] or a.pixel_size
     work = Path(a.work).resolve()
     sim = work / "sim"
     if not (sim / "truth.json").exists():
         simulate(sim, n_particles=a.particles, n_classes=a.classes, box=a.box, pixel_size_A=a.pixel_size, snr=a.snr,
-                 seed=a.seed, with_alignment=False)
+                 seed=a.seed, with_alignment=False, volumes=volumes)
     diameter = 0.6 * a.box * a.pixel_size
     ours = work / "ours"
     cmd = [sys.executable, "-m", "hetplugin.core", "multiclass", "--particles", str(sim / "particles.star"),

@@ -56,6 +56,7 @@ class MulticlassOptions:
     local_search_deg: float = 0.0
     global_iterations: int = 4
     alignment_iterations: int = 4
+    realign_iterations: int = 5
     symmetry: str = "C1"
     particle_diameter_A: float | None = None
     resolution_limit_A: float | None = None
@@ -100,6 +101,7 @@ class MulticlassState:
     resolution_A: np.ndarray      # (K,) FSC 0.143 per class
     fsc_curves: np.ndarray        # (K, D//2+1)
     one_reference: bool = False   # classes seeded from one reference: align first, then split
+    start_maps: np.ndarray | None = None  # (K, D, D, D) low-passed, masked references: class re-alignment starts here
     history: list = field(default_factory=list)
 
 
@@ -168,7 +170,7 @@ class MulticlassRefiner:
             classes=np.full(n, -1), posteriors=np.full((n, k), 1.0 / k), max_prob=np.zeros(n), loglik=np.zeros(n),
             n_significant=np.zeros(n, dtype=np.int64), evidence=np.zeros((n, k)), resolution_A=np.full(k, np.inf),
             fsc_curves=np.zeros((k, self.box // 2 + 1)), one_reference=bool(refs.shape[0] == 1 and k > 1),
-            history=[])
+            start_maps=np.stack(maps), history=[])
 
     def initial_sigma2(self, max_images: int = 1000) -> np.ndarray:
         """Noise power per shell from the images' power spectrum (at low SNR the images are mostly noise)."""
@@ -193,9 +195,18 @@ class MulticlassRefiner:
         opt, it = self.opt, state.iteration + 1
         k_cls, n = opt.n_classes, len(self.ds)
         r_cur = float(min(state.r_current, self.r_limit))
-        if state.one_reference and it == opt.alignment_iterations + 1 and it > 1:
-            # classes are split at low resolution, where conformations differ most and class maps
-            # from a fraction of the particles are still well determined; frequencies then march out
+        # from one reference: the first iterations align all particles as one class (consensus
+        # poses), then classes are seeded from a random split and refined with local searches;
+        # after the annealed classification each class is aligned again (see stage)
+        stage = self.stage(it, state)
+        aligning, realigning = stage == "alignment", stage == "class alignment"
+        k_act = 1 if aligning else k_cls
+        first_from_one_ref = state.one_reference and not aligning and state.classes.min() < 0
+        first_realign = realigning and all(h["stage"] != "class alignment" for h in state.history)
+        if (first_from_one_ref and it > 1) or first_realign:
+            # classes are split (and re-aligned) at low resolution, where conformations differ most
+            # and maps from a fraction of the particles are still well determined; frequencies then
+            # march out. The noise model starts again from the images' power (flat posteriors)
             r_cur = min(r_cur, self.r_initial)
             state.sigma2 = self.initial_sigma2()
         grid_box = int(min(self.box, 2 * math.ceil(r_cur + 2)))
@@ -211,14 +222,13 @@ class MulticlassRefiner:
         herm = torch.where(coords[:, 0] == 0, 1.0, 2.0).to(self.dtype)
         sigma2 = torch.as_tensor(state.sigma2, dtype=self.dtype, device=self.device)[shells]
         weight = herm / sigma2
-        # from one reference: the first iterations align all particles as one class (consensus
-        # poses), then classes are seeded from a random split and refined with local searches
-        aligning = state.one_reference and it <= opt.alignment_iterations
-        k_act = 1 if aligning else k_cls
-        first_from_one_ref = state.one_reference and not aligning and state.classes.min() < 0
         profile = it == 1
         use_prior_pose = opt.local_search_deg > 0 and self.ds.has_alignment
-        global_search = not use_prior_pose and it <= opt.global_iterations and (aligning or not state.one_reference)
+        # after the class re-alignment, one global search over all classes lets particles that no
+        # class's consensus pose fitted (e.g. a closed state's, held in the open class) find their class
+        after_realign = bool(state.history) and state.history[-1]["stage"] == "class alignment"
+        global_search = not use_prior_pose and (realigning or after_realign or (
+            it <= opt.global_iterations and (aligning or not state.one_reference)))
         # the coarse grid's angular error decorrelates frequencies beyond ~1/(2 pi radius step); at
         # least 8 shells are kept, below which poses of most particles are ambiguous
         r_coarse = min(r_cur, max(8.0, self.box / (2 * math.pi * math.radians(self.coarse_step_deg) * self.radius_px)))
@@ -239,10 +249,12 @@ class MulticlassRefiner:
         s2_den = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
         log_prior = torch.as_tensor(np.log(np.maximum(state.class_prior[:k_act], 1e-10)), dtype=self.dtype,
                                     device=self.device)
-        batch = self._batch_size(k_act, global_search, len(coords))
+        # while classes are re-aligned, each particle is searched in its class only
+        groups = [list(range(k_act))] if not realigning else [[j] for j in range(k_cls)]
+        batch = self._batch_size(len(groups[0]), global_search, len(coords))
         for half in (1, 2):
             # each half-set is scored against the maps of the other half (no particle sees its own noise)
-            refs = state.half_maps[2 - half]
+            refs = state.start_maps if first_realign else state.half_maps[2 - half]
             vol_ft = [slice_grid(crop_ft_grid(prepare_volume(
                 torch.as_tensor(refs[j], dtype=self.dtype, device=self.device), pad), pad * grid_box))
                 for j in range(k_act)]
@@ -253,25 +265,69 @@ class MulticlassRefiner:
                 for j in range(k_act):
                     p = project_ft(vol_ft[j], rot_c, coords[:m_coarse], pad)
                     proj_c.append((as_real(p), p.abs() ** 2))
-            for rows in self.ds.batches(batch, np.flatnonzero(self.halves == half)):
-                x = self.ds.images_ft(rows, sel, coords, centre=False)[:, order_t]
-                ctf = self.ds.ctf(rows, coords)
-                b = len(rows)
-                q = quadratic_weights(ctf, weight, b)
-                if global_search:
-                    centres_rot, centres_org = self._coarse_search(x, ctf, weight, q, state, rows, coords, m_coarse,
-                                                                   proj_c, profile, coarse_shift)
-                    ang_prior = None
-                else:
-                    centres_rot = torch.as_tensor(state.rotations[rows], dtype=self.dtype,
-                                                  device=self.device)[:, None, None].expand(b, k_act, 1, 3, 3)
-                    centres_org = torch.as_tensor(state.origins_px[rows], dtype=self.dtype,
-                                                  device=self.device)[:, None, None].expand(b, k_act, 1, 2)
-                    ang_prior = True
-                res = self._fine_search(x, ctf, weight, q, vol_ft, centres_rot, centres_org, coords, profile,
-                                        ang_prior, log_prior, None if forced is None else forced[rows], temperature)
-                self._accumulate(res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den)
-        return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning)
+            for cls in groups:
+                in_half = self.halves == half
+                if realigning:
+                    in_half &= state.classes == cls[0]
+                for rows in self.ds.batches(batch, np.flatnonzero(in_half)):
+                    x = self.ds.images_ft(rows, sel, coords, centre=False)[:, order_t]
+                    ctf = self.ds.ctf(rows, coords)
+                    b = len(rows)
+                    q = quadratic_weights(ctf, weight, b)
+                    if global_search:
+                        centres_rot, centres_org = self._coarse_search(
+                            x, ctf, weight, q, state, rows, coords, m_coarse, [proj_c[j] for j in cls], profile,
+                            coarse_shift)
+                        ang_prior = None
+                    else:
+                        centres_rot = torch.as_tensor(state.rotations[rows], dtype=self.dtype,
+                                                      device=self.device)[:, None, None].expand(b, len(cls), 1, 3, 3)
+                        centres_org = torch.as_tensor(state.origins_px[rows], dtype=self.dtype,
+                                                      device=self.device)[:, None, None].expand(b, len(cls), 1, 2)
+                        ang_prior = True
+                    res = self._fine_search(x, ctf, weight, q, [vol_ft[j] for j in cls], centres_rot, centres_org,
+                                            coords, profile, ang_prior, log_prior[cls],
+                                            None if forced is None else forced[rows], temperature)
+                    self._accumulate(res, x, ctf, weight, coords, rows, [bps[j] for j in cls], new, shells, herm,
+                                     s2_num, s2_den, cls)
+        return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, stage)
+
+    def anneal_end(self, state: MulticlassState) -> int:
+        """Last iteration of the annealed classification."""
+        start = self.opt.alignment_iterations if state.one_reference else 0
+        n_anneal = self.opt.anneal_iterations if self.opt.anneal_iterations is not None \
+            else (self.opt.iterations - start) // 2
+        return start + n_anneal
+
+    def realigns(self, state: MulticlassState) -> bool:
+        """Whether this run re-aligns its classes (see stage)."""
+        return state.one_reference and self.opt.n_classes > 1 and self.opt.realign_iterations > 0
+
+    def stage(self, it: int, state: MulticlassState) -> str:
+        """'alignment', 'classification' or 'class alignment' for iteration ``it`` after ``state``.
+
+        From one reference, consensus poses can be wrong for particles in a state that differs
+        much from the consensus (a compact closed state aligned to a map dominated by the open
+        one, whose shape orients it better at low resolution), and local searches keep them wrong:
+        the class sorts well, but its map is a smear. So once the classification has settled
+        after annealing (or when only the re-alignment and one more iteration are left), each
+        class is aligned again on its own, as a refinement of its particles (assignments held)
+        from the low-passed reference with a global search, for ``realign_iterations``; the
+        classification then goes on with local searches. It comes last because a closed state's
+        alignment from scratch fails when a tenth of its particles are open ones (measured).
+        """
+        if state.one_reference and it <= self.opt.alignment_iterations:
+            return "alignment"
+        if not self.realigns(state):
+            return "classification"
+        r = self.opt.realign_iterations
+        started = [h["iteration"] for h in state.history if h["stage"] == "class alignment"]
+        if started:
+            return "class alignment" if it < started[0] + r else "classification"
+        if it <= self.anneal_end(state) or it + r > self.opt.iterations:
+            return "classification"
+        return "class alignment" if (self._settled(state.history, 0.01) or it + r == self.opt.iterations) \
+            else "classification"
 
     def temperature(self, state: MulticlassState) -> float:
         """Class-assignment temperature (deterministic annealing) for the next iteration.
@@ -282,10 +338,7 @@ class MulticlassRefiner:
         heterogeneity (EM in its linear regime acts as a power iteration on it) instead of
         locking into an early, noise-driven partition. Afterwards the temperature is 1.
         """
-        start = self.opt.alignment_iterations if state.one_reference else 0
-        n_anneal = self.opt.anneal_iterations if self.opt.anneal_iterations is not None \
-            else (self.opt.iterations - start) // 2
-        if state.iteration >= start + n_anneal or state.classes.min() < 0 or self.opt.n_classes < 2:
+        if state.iteration >= self.anneal_end(state) or state.classes.min() < 0 or self.opt.n_classes < 2:
             return 1.0
         e = state.evidence - state.evidence.mean(1, keepdims=True)
         rms = float(np.sqrt(np.mean(e ** 2)))
@@ -385,8 +438,11 @@ class MulticlassRefiner:
                     shape=(k_cls, t, n_sh, n_rot))
 
     # ------------------------------------------------------------------ M-step pieces
-    def _accumulate(self, res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den):
-        """Book-keeping per batch: best poses, class posteriors, significant samples into the backprojectors."""
+    def _accumulate(self, res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den, cls):
+        """Book-keeping per batch: best poses, class posteriors, significant samples into the backprojectors.
+
+        ``cls``: the classes searched (the columns of ``new``'s class arrays that ``res`` fills;
+        the others get posterior 0 and log-evidence -inf)."""
         k_cls, t, n_sh, n_rot = res["shape"]
         post = res["post"]
         b = post.shape[0]
@@ -410,11 +466,14 @@ class MulticlassRefiner:
         rows_np = np.asarray(rows)
         new["rot"][rows_np] = best_rot.double().cpu().numpy()
         new["org"][rows_np] = best_org.double().cpu().numpy()
-        new["cls"][rows_np] = best_j.cpu().numpy()
-        new["post"][rows_np] = class_post.double().cpu().numpy()
+        new["cls"][rows_np] = np.asarray(cls)[best_j.cpu().numpy()]
+        if len(cls) < new["post"].shape[1]:
+            new["post"][rows_np] = 0.0
+            new["evid"][rows_np] = -np.inf
+        new["post"][np.ix_(rows_np, cls)] = class_post.double().cpu().numpy()
         new["maxp"][rows_np] = vals[:, 0].double().cpu().numpy()
         new["nsig"][rows_np] = keep.sum(1).cpu().numpy()
-        new["evid"][rows_np] = res["evidence"].double().cpu().numpy()
+        new["evid"][np.ix_(rows_np, cls)] = res["evidence"].double().cpu().numpy()
         # full Gaussian log-likelihood (with its normalisation, so that values stay comparable when
         # the noise spectrum is re-estimated): per complex coefficient -|d|^2/s2 - log(pi s2)
         norm = 0.5 * (herm * torch.log(math.pi * herm / weight)).sum()
@@ -454,12 +513,13 @@ class MulticlassRefiner:
                 bps[j][h - 1].insert(images[m_sel], g_rot[m_sel], None if ctf is None else ctf[g_image[m_sel]],
                                      g_weight[m_sel], coords)
 
-    def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0, aligning) -> MulticlassState:
+    def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0, stage) -> MulticlassState:
         opt, k_cls = self.opt, len(bps)
+        aligning = stage == "alignment"
         maps, curves, res_A, half_maps = [], [], [], ([], [])
-        best_shell = 0.0
+        shells_05 = []
         raw = [[bp.reconstruct(symmetry=self.sym).cpu().numpy() for bp in bps[j]] for j in range(k_cls)]
-        if k_cls > 1:
+        if k_cls > 1 and stage != "class alignment":
             # half 1 was scored against half 2's maps and vice versa: bring half 1's classes
             # into half 2's order so that the halves (and the particles' labels) agree
             perm = match_classes([r[0] * self.fsc_mask for r in raw], [r[1] * self.fsc_mask for r in raw])
@@ -486,7 +546,7 @@ class MulticlassRefiner:
             res_A.append(res)
             # the E-step marches out to where the class maps still carry signal (FSC 0.5) plus a
             # margin: beyond it frequencies add cost, not information, to alignment and assignment
-            best_shell = max(best_shell, self.box * self.px / resolution_at(curve, 0.5, self.box, self.px))
+            shells_05.append(self.box * self.px / resolution_at(curve, 0.5, self.box, self.px))
         sigma2 = state.sigma2.copy()
         s2 = (s2_num / s2_den.clamp(min=1)).cpu().numpy()
         upd = s2_den.cpu().numpy() > 0
@@ -501,7 +561,9 @@ class MulticlassRefiner:
             new["cls"] = np.full(len(new["cls"]), -1)
         sizes = new["post"].sum(0)
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
-        if k_cls > 1 and opt.classification_frequency_cap:
+        # while classes are re-aligned from scratch, each at its own pace, the slowest sets the limit
+        best_shell = min(shells_05) if stage == "class alignment" else max(shells_05)
+        if k_cls > 1 and stage == "classification" and opt.classification_frequency_cap:
             # classification gains nothing from frequencies where the classes do not differ
             # reproducibly: cap the E-step where the half-sets' class-difference maps decorrelate
             best_shell = min(best_shell, self._difference_shell(raw, r_cur))
@@ -509,7 +571,7 @@ class MulticlassRefiner:
         changed = float(np.mean(new["cls"] != state.classes)) if min(state.classes.min(), new["cls"].min()) >= 0 \
             else 1.0
         ang = angular_distance_deg(new["rot"], state.rotations)
-        entry = dict(iteration=it, stage="alignment" if aligning else "classification", class_sizes=sizes.round(2).tolist(), class_prior=prior.tolist(),
+        entry = dict(iteration=it, stage=stage, class_sizes=sizes.round(2).tolist(), class_prior=prior.tolist(),
                      resolution_A=[round(float(r), 3) for r in res_A], changed_class_fraction=changed,
                      mean_angle_change_deg=float(np.mean(ang)), loglik=float(new["ll"].sum()),
                      temperature=float(new["temperature"]),
@@ -524,6 +586,7 @@ class MulticlassRefiner:
             rotations=new["rot"], origins_px=new["org"], classes=new["cls"], posteriors=new["post"],
             max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], evidence=new["evid"],
             resolution_A=np.array(res_A), fsc_curves=np.stack(curves), one_reference=state.one_reference,
+            start_maps=state.start_maps,
             history=state.history + [entry])
 
     def _difference_shell(self, raw: list, r_cur: float) -> float:
@@ -547,12 +610,21 @@ class MulticlassRefiner:
         return shell
 
     def converged(self, state: MulticlassState) -> bool:
-        """Class assignments and orientations stopped changing and the resolution stopped improving."""
-        h = state.history
+        """Class assignments and orientations stopped changing and the resolution stopped improving
+        (after the class re-alignment, where the run has one)."""
+        if self.realigns(state) and all(h["stage"] != "class alignment" for h in state.history):
+            return False
+        return self._settled(state.history)
+
+    def _settled(self, h: list, change_fraction: float | None = None) -> bool:
+        """The last two iterations classified at temperature 1 and changed (almost) nothing: at most
+        ``change_fraction`` of the particles changed class (default: the stopping criterion)."""
+        change_fraction = self.opt.stop_change_fraction if change_fraction is None else change_fraction
         if len(h) < 3:
             return False
         last, prev = h[-1], h[-2]
-        return (last["changed_class_fraction"] <= self.opt.stop_change_fraction
+        return (prev["stage"] == last["stage"] == "classification" and last["temperature"] == 1.0
+                and last["changed_class_fraction"] <= change_fraction
                 and last["mean_angle_change_deg"] < 0.5 * self.opt.angular_step_deg
                 and max(last["resolution_A"]) >= max(prev["resolution_A"]) - 0.5 * self.px)
 

@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alignment-iterations", type=int, default=o.alignment_iterations,
                    help="from one reference: iterations that align all particles as one class before the "
                         "classes are split (0: split at once)")
+    p.add_argument("--realign-iterations", type=int, default=o.realign_iterations,
+                   help="from one reference: once the classification has settled, iterations that align each "
+                        "class again on its own (particles held in their class) with a global search from the "
+                        "low-passed reference, so that a state the consensus misaligned gets its own poses "
+                        "(0: off)")
     p.add_argument("--global-iterations", type=int, default=o.global_iterations,
                    help="iterations with a global search before searching locally around the current poses")
     p.add_argument("--symmetry", default=o.symmetry, help="point group (C1, Cn, Dn, T, O, I)")
@@ -73,7 +78,7 @@ def options_from_args(a: argparse.Namespace) -> MulticlassOptions:
         n_classes=a.classes, iterations=a.iterations, initial_lowpass_A=a.initial_lowpass, tau2_fudge=a.tau2_fudge,
         angular_step_deg=a.angular_step, offset_range_A=a.offset_range, offset_step_A=a.offset_step,
         local_search_deg=a.local_search, global_iterations=a.global_iterations,
-        alignment_iterations=a.alignment_iterations, symmetry=a.symmetry,
+        alignment_iterations=a.alignment_iterations, realign_iterations=a.realign_iterations, symmetry=a.symmetry,
         particle_diameter_A=a.particle_diameter, resolution_limit_A=a.resolution_limit,
         min_class_size=a.min_class_size, seed=a.seed, batch_size=a.batch_size)
 
