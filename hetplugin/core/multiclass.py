@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .dataset import ParticleDataset
+from .fit import fit_rotation, rotate_volume
 from .fourier import crop_ft_grid, half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
 from .masks import spherical_mask
@@ -101,7 +102,8 @@ class MulticlassState:
     resolution_A: np.ndarray      # (K,) FSC 0.143 per class
     fsc_curves: np.ndarray        # (K, D//2+1)
     one_reference: bool = False   # classes seeded from one reference: align first, then split
-    start_maps: np.ndarray | None = None  # (K, D, D, D) low-passed, masked references: class re-alignment starts here
+    references: np.ndarray | None = None  # (K, D, D, D) the references: class re-alignment starts from
+                                          # them low-passed, and class maps are turned into their frame
     history: list = field(default_factory=list)
 
 
@@ -159,10 +161,8 @@ class MulticlassRefiner:
             raise ValueError(f"{self.opt.iterations} iterations leave none for classification after "
                              f"{self.opt.alignment_iterations} alignment iterations (one reference); ask for "
                              "more iterations or fewer alignment iterations")
-        maps = []
-        for j in range(k):
-            ref = torch.as_tensor(refs[j % refs.shape[0]])
-            maps.append(lowpass_volume(ref, self.opt.initial_lowpass_A, self.px).numpy() * self.solvent)
+        references = np.stack([refs[j % refs.shape[0]] for j in range(k)])
+        maps = [self._lowpassed(r) for r in references]
         rot = self.ds.rotations() if self.ds.has_alignment else np.tile(np.eye(3), (n, 1, 1))
         return MulticlassState(
             iteration=0, maps=np.stack(maps), half_maps=np.stack([maps, maps]), class_prior=np.full(k, 1.0 / k), sigma2=self.initial_sigma2(),
@@ -170,7 +170,12 @@ class MulticlassRefiner:
             classes=np.full(n, -1), posteriors=np.full((n, k), 1.0 / k), max_prob=np.zeros(n), loglik=np.zeros(n),
             n_significant=np.zeros(n, dtype=np.int64), evidence=np.zeros((n, k)), resolution_A=np.full(k, np.inf),
             fsc_curves=np.zeros((k, self.box // 2 + 1)), one_reference=bool(refs.shape[0] == 1 and k > 1),
-            start_maps=np.stack(maps), history=[])
+            references=references, history=[])
+
+    def _lowpassed(self, reference: np.ndarray) -> np.ndarray:
+        """A reference low-passed to the initial resolution, in the solvent mask."""
+        ref = torch.as_tensor(reference, dtype=torch.float32)
+        return (lowpass_volume(ref, self.opt.initial_lowpass_A, self.px).numpy() * self.solvent).astype(np.float32)
 
     def initial_sigma2(self, max_images: int = 1000) -> np.ndarray:
         """Noise power per shell from the images' power spectrum (at low SNR the images are mostly noise)."""
@@ -254,7 +259,7 @@ class MulticlassRefiner:
         batch = self._batch_size(len(groups[0]), global_search, len(coords))
         for half in (1, 2):
             # each half-set is scored against the maps of the other half (no particle sees its own noise)
-            refs = state.start_maps if first_realign else state.half_maps[2 - half]
+            refs = [self._lowpassed(r) for r in state.references] if first_realign else state.half_maps[2 - half]
             vol_ft = [slice_grid(crop_ft_grid(prepare_volume(
                 torch.as_tensor(refs[j], dtype=self.dtype, device=self.device), pad), pad * grid_box))
                 for j in range(k_act)]
@@ -559,6 +564,9 @@ class MulticlassRefiner:
             new["post"] = np.full((len(new["cls"]), k_all), 1.0 / k_all)
             new["evid"] = np.zeros((len(new["cls"]), k_all))
             new["cls"] = np.full(len(new["cls"]), -1)
+        realigned = sum(h["stage"] == "class alignment" for h in state.history) + 1
+        if stage == "class alignment" and realigned == opt.realign_iterations and len(self.sym) == 1:
+            self._into_reference_frame(state.references, maps, half_maps, new, res_A)
         sizes = new["post"].sum(0)
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
         # while classes are re-aligned from scratch, each at its own pace, the slowest sets the limit
@@ -576,7 +584,7 @@ class MulticlassRefiner:
                      mean_angle_change_deg=float(np.mean(ang)), loglik=float(new["ll"].sum()),
                      temperature=float(new["temperature"]),
                      r_current=r_cur, seconds=round(time.time() - t0, 2))
-        self.log(f"iteration {it}: classes {np.round(sizes).astype(int).tolist()}  resolution "
+        self.log(f"iteration {it} ({stage}{', T %.2g' % entry['temperature'] if entry['temperature'] > 1 else ''}): classes {np.round(sizes).astype(int).tolist()}  resolution "
                  f"{[round(float(r), 1) for r in res_A]} A  changed {100 * changed:.1f}%  angle change "
                  f"{entry['mean_angle_change_deg']:.1f} deg  logL {entry['loglik']:.4g}  "
                  f"(limit {self.box * self.px / max(r_cur, 1e-6):.1f} A, {entry['seconds']} s)")
@@ -586,8 +594,23 @@ class MulticlassRefiner:
             rotations=new["rot"], origins_px=new["org"], classes=new["cls"], posteriors=new["post"],
             max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], evidence=new["evid"],
             resolution_A=np.array(res_A), fsc_curves=np.stack(curves), one_reference=state.one_reference,
-            start_maps=state.start_maps,
+            references=state.references,
             history=state.history + [entry])
+
+    def _into_reference_frame(self, references, maps, half_maps, new, res_A) -> None:
+        """Turn each re-aligned class map (and its half maps, and its particles' poses) into its
+        reference's frame: aligned from a featureless low-passed start, a class comes out turned
+        as a whole (by up to ~20 degrees, measured), and maps the user compares should not be."""
+        for j in range(len(maps)):
+            turn, score = fit_rotation(maps[j], references[j], self.px, max(float(res_A[j]), 3 * self.px),
+                                       mask=self.solvent)
+            g = torch.as_tensor(turn[None], dtype=torch.float32)
+            for arr in (maps, half_maps[0], half_maps[1]):
+                arr[j] = (rotate_volume(torch.as_tensor(arr[j]), g)[0].numpy() * self.solvent).astype(np.float32)
+            rows = new["cls"] == j
+            new["rot"][rows] = new["rot"][rows] @ turn.T
+            self.log(f"class {j + 1} turned by {float(angular_distance_deg(turn[None], np.eye(3)[None])[0]):.1f} deg "
+                     f"into the reference's frame (correlation {score:.3f})")
 
     def _difference_shell(self, raw: list, r_cur: float) -> float:
         """Shell (index units) where the FSC between the two half-sets' class-deviation maps
@@ -611,9 +634,11 @@ class MulticlassRefiner:
 
     def converged(self, state: MulticlassState) -> bool:
         """Class assignments and orientations stopped changing and the resolution stopped improving
-        (after the class re-alignment, where the run has one)."""
-        if self.realigns(state) and all(h["stage"] != "class alignment" for h in state.history):
-            return False
+        (after the class re-alignment, where the run has one still to come)."""
+        if (self.realigns(state) and all(h["stage"] != "class alignment" for h in state.history)
+                and max(state.iteration + 1, self.anneal_end(state) + 1) + self.opt.realign_iterations
+                <= self.opt.iterations):
+            return False      # the re-alignment is still to come
         return self._settled(state.history)
 
     def _settled(self, h: list, change_fraction: float | None = None) -> bool:

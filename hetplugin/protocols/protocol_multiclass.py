@@ -111,6 +111,17 @@ class ProtMulticlassRefine(ProtHetBase):
                            'class (consensus poses) before the classes are split from random '
                            'subsets. 0: split at once (e.g. when the particles already carry a '
                            'good alignment). Not used with one reference per class.')
+        form.addParam('realignIterations', params.IntParam, default=5,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label='Class re-alignment iterations',
+                      help='With one reference: once the classification has settled, each class is '
+                           'refined again on its own for this many iterations (its particles held '
+                           'in it) with a global search from the low-passed reference, then '
+                           'classification resumes. A state far from the consensus (e.g. a closed '
+                           'conformation among open ones) gets wrong consensus poses: it may still '
+                           'sort well, but its map is smeared until it is aligned on its own. '
+                           'Needs enough iterations: it is skipped when fewer than this plus one '
+                           'are left after the annealed half of the classification. 0: off.')
         form.addParam('initialLowPassFilterA', params.FloatParam, default=30.0,
                       label='Initial low-pass filter (A)',
                       help='The reference(s) are low-pass filtered to this resolution before '
@@ -405,6 +416,7 @@ class ProtMulticlassRefine(ProtHetBase):
             'local_search': self.localSearchRangeDeg.get() if self._useLocalSearch() else 0.0,
             'global_iterations': self.globalIterations.get(),
             'alignment_iterations': self.alignmentIterations.get(),
+            'realign_iterations': self.realignIterations.get(),
             'symmetry': self.symmetryGroup.get(),
             'particle_diameter': self._positiveOrNone(self.maskDiameterA.get()),
             'mask': self._getFileName('input_mask') if self.referenceMask.get() is not None else None,

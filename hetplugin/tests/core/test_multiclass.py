@@ -185,3 +185,76 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
     refiner.r_initial = box * px / 30.0          # an initial low-pass of 30 A: shell 4.3
     refiner.fsc_mask = np.ones((box,) * 3, np.float32)
     assert refiner._difference_shell(raw, r_cur=12.0) >= 10.0
+
+
+def test_class_realignment_comes_once_the_classification_has_settled():
+    from types import SimpleNamespace
+    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner
+
+    refiner = MulticlassRefiner.__new__(MulticlassRefiner)
+    refiner.opt, refiner.px = MulticlassOptions(iterations=25, alignment_iterations=4, realign_iterations=5), 2.0
+    entry = lambda it, stage, changed=0.0: dict(iteration=it, stage=stage, temperature=1.0, resolution_A=[6.0, 6.0],
+                                                changed_class_fraction=changed, mean_angle_change_deg=0.1)
+    state = SimpleNamespace(one_reference=True, history=[], iteration=0)
+    assert refiner.stage(4, state) == "alignment" and refiner.stage(5, state) == "classification"
+    # annealing ends at 4 + (25 - 4) // 2 = 14; then the re-alignment waits for <= 1% changing class
+    state.history = [entry(it, "classification", 0.05) for it in range(10, 16)] + [entry(16, "classification", 0.03)]
+    state.iteration = 16
+    assert refiner.stage(17, state) == "classification"
+    assert not refiner.converged(state)
+    state.history[-1] = entry(16, "classification", 0.008)
+    assert refiner.stage(17, state) == "class alignment"
+    state.history += [entry(it, "class alignment") for it in range(17, 21)]
+    assert refiner.stage(21, state) == "class alignment" and refiner.stage(22, state) == "classification"
+    # never settled: it starts when only it and one more iteration are left
+    state.history = [entry(it, "classification", 0.05) for it in range(15, 19)]
+    assert refiner.stage(19, state) == "classification" and refiner.stage(20, state) == "class alignment"
+    # settled, but no room left / off / one reference per class: no re-alignment, the run may stop
+    for opt in (MulticlassOptions(iterations=14), MulticlassOptions(realign_iterations=0)):
+        refiner.opt = opt
+        state.history, state.iteration = [entry(it, "classification") for it in range(10, 14)], 13
+        assert refiner.stage(14, state) == "classification" and refiner.converged(state)
+    refiner.opt = MulticlassOptions()
+    assert refiner.stage(20, SimpleNamespace(one_reference=False, history=state.history)) == "classification"
+
+
+def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
+    """A class whose particles carry wrong poses (as a state far from the consensus gets them)
+    is aligned again on its own: its particles stay in it, their poses come out right, in the
+    reference's frame, and so does its map."""
+    import torch
+    from hetplugin.core.dataset import ParticleDataset
+    from hetplugin.core.mrc import read_volume
+    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner
+    from hetplugin.core.rotations import angular_distance_deg, euler_to_matrix, random_rotations
+
+    sim = tmp_path / "sim"
+    simulate(sim, n_particles=400, n_classes=2, box=32, pixel_size_A=4.0, snr=1.0, seed=7,
+             heterogeneity="motion", with_alignment=False, log=lambda m: None)
+    truth = read_particles(sim / "truth_particles.star")
+    classes = np.asarray(truth.class_number) - 1
+    r_true = euler_to_matrix(truth.rot_deg, truth.tilt_deg, truth.psi_deg)
+    opt = MulticlassOptions(n_classes=2, iterations=20, alignment_iterations=4, realign_iterations=5,
+                            particle_diameter_A=100, min_class_size=5, seed=1)
+    refiner = MulticlassRefiner(ParticleDataset(read_particles(sim / "particles.star")), opt, log=lambda m: None)
+    state = refiner.initial_state(read_volume(sim / "consensus.mrc")[0])
+    wrong = classes == 1
+    state.rotations = r_true.copy()
+    state.rotations[wrong] = random_rotations(int(wrong.sum()), np.random.default_rng(0))
+    state.origins_px[:] = 0.0
+    state.classes = classes.copy()
+    state.iteration = refiner.anneal_end(state) + 2
+    state.history = [dict(iteration=it, stage="classification", temperature=1.0, resolution_A=[8.0, 8.0],
+                          changed_class_fraction=0.0, mean_angle_change_deg=0.1)
+                     for it in range(state.iteration - 2, state.iteration + 1)]
+    true_map = read_volume(sim / "truth_class_002.mrc")[0]
+    cc = lambda m: float(np.corrcoef(m.ravel(), true_map.ravel())[0, 1])
+    for _ in range(opt.realign_iterations):
+        state = refiner.iterate(state)
+        assert state.history[-1]["stage"] == "class alignment"
+        assert np.array_equal(state.classes, classes)
+    err = angular_distance_deg(state.rotations, r_true)
+    # from ~120 degrees (random); the step is 7.5 degrees at 4 A/px
+    assert np.median(err[wrong]) < 15.0, np.median(err[wrong])
+    assert np.median(err[~wrong]) < 15.0, np.median(err[~wrong])
+    assert cc(state.maps[1]) > 0.9, cc(state.maps[1])
