@@ -20,6 +20,7 @@ Maximises sum_i log sum_j pi_j int p(X_i | phi, V_j) p(phi) dphi + sum_j log p(V
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -231,7 +232,9 @@ class MulticlassRefiner:
         use_prior_pose = opt.local_search_deg > 0 and self.ds.has_alignment
         # after the class re-alignment, one global search over all classes lets particles that no
         # class's consensus pose fitted (e.g. a closed state's, held in the open class) find their class
-        after_realign = bool(state.history) and state.history[-1]["stage"] == "class alignment"
+        after_realign = not realigning and bool(state.history) and state.history[-1]["stage"] == "class alignment"
+        if after_realign and len(self.sym) == 1:
+            state = self._into_reference_frame(state)
         global_search = not use_prior_pose and (realigning or after_realign or (
             it <= opt.global_iterations and (aligning or not state.one_reference)))
         # the coarse grid's angular error decorrelates frequencies beyond ~1/(2 pi radius step); at
@@ -317,8 +320,10 @@ class MulticlassRefiner:
         the class sorts well, but its map is a smear. So once the classification has settled
         after annealing (or when only the re-alignment and one more iteration are left), each
         class is aligned again on its own, as a refinement of its particles (assignments held)
-        from the low-passed reference with a global search, for ``realign_iterations``; the
-        classification then goes on with local searches. It comes last because a closed state's
+        from the low-passed reference with a global search, for ``realign_iterations`` or more
+        while the poses still move by over an angular step on average (at low SNR: measured 5
+        iterations short of convergence at SNR 0.05); the classification then goes on, with one
+        global search over all classes and then local ones. It comes last because a closed state's
         alignment from scratch fails when a tenth of its particles are open ones (measured).
         """
         if state.one_reference and it <= self.opt.alignment_iterations:
@@ -326,9 +331,13 @@ class MulticlassRefiner:
         if not self.realigns(state):
             return "classification"
         r = self.opt.realign_iterations
-        started = [h["iteration"] for h in state.history if h["stage"] == "class alignment"]
-        if started:
-            return "class alignment" if it < started[0] + r else "classification"
+        done = [h for h in state.history if h["stage"] == "class alignment"]
+        if done:
+            # at least r iterations; more while poses still move by over a step on average, as
+            # long as two are left (the global search over all classes and a local one)
+            moving = done[-1]["mean_angle_change_deg"] > self.opt.angular_step_deg and it <= self.opt.iterations - 2
+            return "class alignment" if state.history[-1]["stage"] == "class alignment" and (
+                len(done) < r or moving) else "classification"
         if it <= self.anneal_end(state) or it + r > self.opt.iterations:
             return "classification"
         return "class alignment" if (self._settled(state.history, 0.01) or it + r == self.opt.iterations) \
@@ -564,9 +573,6 @@ class MulticlassRefiner:
             new["post"] = np.full((len(new["cls"]), k_all), 1.0 / k_all)
             new["evid"] = np.zeros((len(new["cls"]), k_all))
             new["cls"] = np.full(len(new["cls"]), -1)
-        realigned = sum(h["stage"] == "class alignment" for h in state.history) + 1
-        if stage == "class alignment" and realigned == opt.realign_iterations and len(self.sym) == 1:
-            self._into_reference_frame(state.references, maps, half_maps, new, res_A)
         sizes = new["post"].sum(0)
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
         # while classes are re-aligned from scratch, each at its own pace, the slowest sets the limit
@@ -597,20 +603,24 @@ class MulticlassRefiner:
             references=state.references,
             history=state.history + [entry])
 
-    def _into_reference_frame(self, references, maps, half_maps, new, res_A) -> None:
-        """Turn each re-aligned class map (and its half maps, and its particles' poses) into its
-        reference's frame: aligned from a featureless low-passed start, a class comes out turned
-        as a whole (by up to ~20 degrees, measured), and maps the user compares should not be."""
+    def _into_reference_frame(self, state: MulticlassState) -> MulticlassState:
+        """The state with each re-aligned class map (and half maps, and its particles' poses)
+        turned into its reference's frame: aligned from a featureless low-passed start, a class
+        comes out turned as a whole (by up to ~20 degrees, measured), and maps the user compares
+        should not be. Derived from the saved state, so a resumed run turns them alike."""
+        maps, half_maps, rotations = state.maps.copy(), state.half_maps.copy(), state.rotations.copy()
         for j in range(len(maps)):
-            turn, score = fit_rotation(maps[j], references[j], self.px, max(float(res_A[j]), 3 * self.px),
-                                       mask=self.solvent)
+            turn, score = fit_rotation(maps[j], state.references[j], self.px,
+                                       max(float(state.resolution_A[j]), 3 * self.px), mask=self.solvent)
             g = torch.as_tensor(turn[None], dtype=torch.float32)
-            for arr in (maps, half_maps[0], half_maps[1]):
-                arr[j] = (rotate_volume(torch.as_tensor(arr[j]), g)[0].numpy() * self.solvent).astype(np.float32)
-            rows = new["cls"] == j
-            new["rot"][rows] = new["rot"][rows] @ turn.T
+            maps[j] = rotate_volume(torch.as_tensor(maps[j]), g)[0].numpy() * self.solvent
+            for h in (0, 1):
+                half_maps[h, j] = rotate_volume(torch.as_tensor(half_maps[h, j]), g)[0].numpy() * self.solvent
+            rows = state.classes == j
+            rotations[rows] = rotations[rows] @ turn.T
             self.log(f"class {j + 1} turned by {float(angular_distance_deg(turn[None], np.eye(3)[None])[0]):.1f} deg "
                      f"into the reference's frame (correlation {score:.3f})")
+        return dataclasses.replace(state, maps=maps, half_maps=half_maps, rotations=rotations)
 
     def _difference_shell(self, raw: list, r_cur: float) -> float:
         """Shell (index units) where the FSC between the two half-sets' class-deviation maps
