@@ -50,8 +50,10 @@ def _downsample(volume: torch.Tensor, size: int) -> torch.Tensor:
     return ifftn_centered(ft, (-3, -2, -1)).real.to(volume.dtype) * (size / d) ** 3
 
 
-def _scores(moving: torch.Tensor, fixed: torch.Tensor, rotations: np.ndarray, chunk: int = 8) -> torch.Tensor:
-    """Correlation coefficient of each turned ``moving`` with ``fixed`` (a chunk of turned maps at a time)."""
+def _scores(moving: torch.Tensor, fixed: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
+    """Correlation coefficient of each turned ``moving`` with ``fixed`` (a chunk of turned maps at a
+    time, their sampling grids within ~24 MB)."""
+    chunk = int(min(8, max(1, 24e6 // (moving.numel() * 12))))
     f = (fixed - fixed.mean()).flatten()
     f = f / f.norm().clamp(min=1e-30)
     rot = torch.as_tensor(rotations)

@@ -103,7 +103,7 @@ class MulticlassState:
     resolution_A: np.ndarray      # (K,) FSC 0.143 per class
     fsc_curves: np.ndarray        # (K, D//2+1)
     one_reference: bool = False   # classes seeded from one reference: align first, then split
-    references: np.ndarray | None = None  # (K, D, D, D) the references: class re-alignment starts from
+    references: np.ndarray | None = None  # (1 or K, D, D, D) the references: class re-alignment starts from
                                           # them low-passed, and class maps are turned into their frame
     history: list = field(default_factory=list)
 
@@ -162,8 +162,8 @@ class MulticlassRefiner:
             raise ValueError(f"{self.opt.iterations} iterations leave none for classification after "
                              f"{self.opt.alignment_iterations} alignment iterations (one reference); ask for "
                              "more iterations or fewer alignment iterations")
-        references = np.stack([refs[j % refs.shape[0]] for j in range(k)])
-        maps = [self._lowpassed(r) for r in references]
+        references = refs.copy()
+        maps = [self._lowpassed(references[j % len(references)]) for j in range(k)]
         rot = self.ds.rotations() if self.ds.has_alignment else np.tile(np.eye(3), (n, 1, 1))
         return MulticlassState(
             iteration=0, maps=np.stack(maps), half_maps=np.stack([maps, maps]), class_prior=np.full(k, 1.0 / k), sigma2=self.initial_sigma2(),
@@ -214,7 +214,13 @@ class MulticlassRefiner:
             # and maps from a fraction of the particles are still well determined; frequencies then
             # march out. The noise model starts again from the images' power (flat posteriors)
             r_cur = min(r_cur, self.r_initial)
-            state.sigma2 = self.initial_sigma2()
+            state = dataclasses.replace(state, sigma2=self.initial_sigma2())
+        elif not realigning and self.realigns(state):
+            # after the re-alignment (which marched out from the initial resolution again) the
+            # limit goes back to where the classification had taken it, from the second iteration on
+            past = [h["stage"] for h in state.history]
+            if "class alignment" in past and past[-1] != "class alignment":
+                r_cur = max(r_cur, state.history[past.index("class alignment") - 1]["r_current"])
         grid_box = int(min(self.box, 2 * math.ceil(r_cur + 2)))
         grid_box += grid_box % 2
         sel_np = frequency_mask(self.box, r_cur)
@@ -262,7 +268,8 @@ class MulticlassRefiner:
         batch = self._batch_size(len(groups[0]), global_search, len(coords))
         for half in (1, 2):
             # each half-set is scored against the maps of the other half (no particle sees its own noise)
-            refs = [self._lowpassed(r) for r in state.references] if first_realign else state.half_maps[2 - half]
+            refs = [self._lowpassed(state.references[j % len(state.references)]) for j in range(k_cls)] \
+                if first_realign else state.half_maps[2 - half]
             vol_ft = [slice_grid(crop_ft_grid(prepare_volume(
                 torch.as_tensor(refs[j], dtype=self.dtype, device=self.device), pad), pad * grid_box))
                 for j in range(k_act)]
@@ -308,8 +315,9 @@ class MulticlassRefiner:
         return start + n_anneal
 
     def realigns(self, state: MulticlassState) -> bool:
-        """Whether this run re-aligns its classes (see stage)."""
-        return state.one_reference and self.opt.n_classes > 1 and self.opt.realign_iterations > 0
+        """Whether this run re-aligns its classes (see stage): from one reference, with global searches."""
+        local_only = self.opt.local_search_deg > 0 and self.ds.has_alignment
+        return state.one_reference and self.opt.n_classes > 1 and self.opt.realign_iterations > 0 and not local_only
 
     def stage(self, it: int, state: MulticlassState) -> str:
         """'alignment', 'classification' or 'class alignment' for iteration ``it`` after ``state``.
@@ -328,7 +336,7 @@ class MulticlassRefiner:
         """
         if state.one_reference and it <= self.opt.alignment_iterations:
             return "alignment"
-        if not self.realigns(state):
+        if not self.realigns(state) or state.classes.min() < 0:
             return "classification"
         r = self.opt.realign_iterations
         done = [h for h in state.history if h["stage"] == "class alignment"]
@@ -610,7 +618,7 @@ class MulticlassRefiner:
         should not be. Derived from the saved state, so a resumed run turns them alike."""
         maps, half_maps, rotations = state.maps.copy(), state.half_maps.copy(), state.rotations.copy()
         for j in range(len(maps)):
-            turn, score = fit_rotation(maps[j], state.references[j], self.px,
+            turn, score = fit_rotation(maps[j], state.references[j % len(state.references)], self.px,
                                        max(float(state.resolution_A[j]), 3 * self.px), mask=self.solvent)
             g = torch.as_tensor(turn[None], dtype=torch.float32)
             maps[j] = rotate_volume(torch.as_tensor(maps[j]), g)[0].numpy() * self.solvent

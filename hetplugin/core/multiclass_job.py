@@ -48,10 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="from one reference: iterations that align all particles as one class before the "
                         "classes are split (0: split at once)")
     p.add_argument("--realign-iterations", type=int, default=o.realign_iterations,
-                   help="from one reference: once the classification has settled, iterations that align each "
-                        "class again on its own (particles held in their class) with a global search from the "
-                        "low-passed reference, so that a state the consensus misaligned gets its own poses "
-                        "(0: off)")
+                   help="from one reference, with a global search: once the classification has settled, at "
+                        "least this many iterations align each class again on its own (particles held in their "
+                        "class) from the low-passed reference, so that a state the consensus misaligned gets its "
+                        "own poses; more while poses still move by over an angular step (0: off)")
     p.add_argument("--global-iterations", type=int, default=o.global_iterations,
                    help="iterations with a global search before searching locally around the current poses")
     p.add_argument("--symmetry", default=o.symmetry, help="point group (C1, Cn, Dn, T, O, I)")

@@ -114,14 +114,18 @@ class ProtMulticlassRefine(ProtHetBase):
         form.addParam('realignIterations', params.IntParam, default=5,
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Class re-alignment iterations',
-                      help='With one reference: once the classification has settled, each class is '
-                           'refined again on its own for this many iterations (its particles held '
-                           'in it) with a global search from the low-passed reference, then '
-                           'classification resumes. A state far from the consensus (e.g. a closed '
-                           'conformation among open ones) gets wrong consensus poses: it may still '
-                           'sort well, but its map is smeared until it is aligned on its own. '
-                           'Needs enough iterations: it is skipped when fewer than this plus one '
-                           'are left after the annealed half of the classification. 0: off.')
+                      help='With one reference and a global search: once the classification has '
+                           'settled (or when only these iterations and one more are left), each '
+                           'class is refined again on its own (its particles held in it) with a '
+                           'global search from the low-passed reference, for at least this many '
+                           'iterations (more while poses still move by over an angular step); '
+                           'then one global search over all classes, and classification resumes. '
+                           'A state far from the consensus (e.g. a closed conformation among open '
+                           'ones) gets wrong consensus poses: it may still sort well, but its map '
+                           'is smeared until it is aligned on its own. With C1 symmetry the class '
+                           'maps are then turned into the reference\'s frame. Skipped when the run '
+                           'has too few iterations left after the annealed half of the '
+                           'classification. 0: off.')
         form.addParam('initialLowPassFilterA', params.FloatParam, default=30.0,
                       label='Initial low-pass filter (A)',
                       help='The reference(s) are low-pass filtered to this resolution before '

@@ -193,9 +193,10 @@ def test_class_realignment_comes_once_the_classification_has_settled():
 
     refiner = MulticlassRefiner.__new__(MulticlassRefiner)
     refiner.opt, refiner.px = MulticlassOptions(iterations=25, alignment_iterations=4, realign_iterations=5), 2.0
+    refiner.ds = SimpleNamespace(has_alignment=False)
     entry = lambda it, stage, changed=0.0: dict(iteration=it, stage=stage, temperature=1.0, resolution_A=[6.0, 6.0],
                                                 changed_class_fraction=changed, mean_angle_change_deg=0.1)
-    state = SimpleNamespace(one_reference=True, history=[], iteration=0)
+    state = SimpleNamespace(one_reference=True, history=[], iteration=0, classes=np.zeros(10, int))
     assert refiner.stage(4, state) == "alignment" and refiner.stage(5, state) == "classification"
     # annealing ends at 4 + (25 - 4) // 2 = 14; then the re-alignment waits for <= 1% changing class
     state.history = [entry(it, "classification", 0.05) for it in range(10, 16)] + [entry(16, "classification", 0.03)]
@@ -222,7 +223,12 @@ def test_class_realignment_comes_once_the_classification_has_settled():
         state.history, state.iteration = [entry(it, "classification") for it in range(10, 14)], 13
         assert refiner.stage(14, state) == "classification" and refiner.converged(state)
     refiner.opt = MulticlassOptions()
-    assert refiner.stage(20, SimpleNamespace(one_reference=False, history=state.history)) == "classification"
+    assert refiner.stage(20, SimpleNamespace(one_reference=False, history=state.history, classes=state.classes)) \
+        == "classification"
+    # particles searched locally around their own alignment: no global re-alignment
+    refiner.opt, refiner.ds.has_alignment = MulticlassOptions(local_search_deg=10), True
+    state.history, state.iteration = [entry(it, "classification") for it in range(13, 19)], 18
+    assert refiner.stage(19, state) == "classification" and refiner.converged(state)
 
 
 def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
