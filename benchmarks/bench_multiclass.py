@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--maps", nargs="+", default=None, metavar="MRC",
                    help="simulate from these class maps (one per class, same box; e.g. maps of atomic models) "
                         "instead of the built-in pseudo-atomic phantoms; sets --classes, --box and --pixel-size")
+    p.add_argument("--fractions", nargs="+", type=float, default=None,
+                   help="class populations (one per class, normalised; default equal)")
     a = p.parse_args()
     volumes = None
     if a.maps:
@@ -134,7 +136,7 @@ def main() -> None:
     sim = work / "sim"
     if not (sim / "truth.json").exists():
         simulate(sim, n_particles=a.particles, n_classes=a.classes, box=a.box, pixel_size_A=a.pixel_size, snr=a.snr,
-                 seed=a.seed, with_alignment=False, volumes=volumes)
+                 seed=a.seed, with_alignment=False, volumes=volumes, class_fractions=a.fractions)
     diameter = 0.6 * a.box * a.pixel_size
     ours = work / "ours"
     cmd = [sys.executable, "-m", "hetplugin.core", "multiclass", "--particles", str(sim / "particles.star"),
