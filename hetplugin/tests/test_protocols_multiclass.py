@@ -232,11 +232,11 @@ class TestMulticlassRefine(_ProjectTest):
         # missing data give empty panels, not errors
         empty = render_multiclass_plots([], {}, os.path.join(self.proj.getTmpPath(), 'empty.png'))
         self.assertTrue(os.path.exists(empty))
-        # a history with a consensus-alignment stage, as dicts (no files)
-        history = [dict(iteration=i, stage='alignment' if i < 3 else 'classification',
+        # a history with consensus-alignment and class re-alignment stages, as dicts (no files)
+        history = [dict(iteration=i, stage={1: 'alignment', 2: 'alignment', 4: 'class alignment'}.get(i, 'classification'),
                         class_sizes=[50.0, 50.0], resolution_A=[20.0 - i, 21.0 - i],
                         changed_class_fraction=1.0 / i, mean_angle_change_deg=10.0 / i,
-                        loglik=-1000.0 * i) for i in (1, 2, 3, 4)]
+                        loglik=-1000.0 * i) for i in (1, 2, 3, 4, 5)]
         model = dict(pixel_size_A=PIXEL, classes=[
             dict(class_number=1, resolution_A=12.0, fsc=np.linspace(1, 0, BOX // 2 + 1).tolist()),
             dict(class_number=2, resolution_A=float('inf'), fsc=[])])

@@ -78,11 +78,13 @@ def _scalar(history, key):
 
 
 def _mark_stages(ax, history):
-    """Shade the consensus-alignment iterations (``stage == 'alignment'``), when the core reports them."""
-    aligned = [it for it, h in zip(_iterations(history), history) if h.get('stage') == 'alignment']
-    if aligned:
-        ax.axvspan(min(aligned) - 0.5, max(aligned) + 0.5, color='0.9', zorder=0,
-                   label='consensus alignment')
+    """Shade the consensus-alignment and class re-alignment iterations (``stage`` 'alignment' and
+    'class alignment'), when the core reports them."""
+    for stage, colour, label in (('alignment', '0.9', 'consensus alignment'),
+                                 ('class alignment', '#dde8f5', 'class re-alignment')):
+        its = [it for it, h in zip(_iterations(history), history) if h.get('stage') == stage]
+        if its:
+            ax.axvspan(min(its) - 0.5, max(its) + 0.5, color=colour, zorder=0, label=label)
 
 
 def _no_data(ax, what):
