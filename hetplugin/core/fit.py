@@ -72,14 +72,14 @@ def fit_rotation(moving: np.ndarray, fixed: np.ndarray, pixel_size_A: float, res
     """The turn G (3, 3), within ``range_deg`` of the identity, that best superposes
     ``rotate_volume(moving, G)`` on ``fixed`` (both masked by ``mask``), and its correlation.
 
-    Coarse (3 deg) at twice ``resolution_A``, then 1 and 0.25 deg steps at ``resolution_A``;
+    Coarse (3 deg) at twice ``resolution_A``, then 1 and 0.5 deg steps at ``resolution_A``;
     both maps are low-passed and Fourier-cropped to the sampling each stage needs."""
     d = moving.shape[-1]
     m = torch.ones((d,) * 3, dtype=torch.float32) if mask is None else torch.as_tensor(mask, dtype=torch.float32)
     best = np.eye(3)
     score = float("nan")
     for res, step, rng in ((2 * resolution_A, 3.0, range_deg), (resolution_A, 1.0, 4.0),
-                           (resolution_A, 0.25, 1.0)):
+                           (resolution_A, 0.5, 1.0)):
         res = max(res, 2 * pixel_size_A)
         size = min(d, 2 * math.ceil(d * pixel_size_A / res) + 2)
         a, b = (_downsample(lowpass_volume(torch.as_tensor(v, dtype=torch.float32) * m, res, pixel_size_A), size)

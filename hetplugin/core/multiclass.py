@@ -265,7 +265,10 @@ class MulticlassRefiner:
                                     device=self.device)
         # while classes are re-aligned, each particle is searched in its class only
         groups = [list(range(k_act))] if not realigning else [[j] for j in range(k_cls)]
-        batch = self._batch_size(len(groups[0]), global_search, len(coords))
+        # the global search after the re-alignment looks for a better class, not for a pose the
+        # class's own global search missed: half the coarse poses are kept (8 of its 25 s saved)
+        n_top = max(1, opt.top_poses // 2) if after_realign else opt.top_poses
+        batch = self._batch_size(len(groups[0]), global_search, len(coords), n_top)
         for half in (1, 2):
             # each half-set is scored against the maps of the other half (no particle sees its own noise)
             refs = [self._lowpassed(state.references[j % len(state.references)]) for j in range(k_cls)] \
@@ -292,7 +295,7 @@ class MulticlassRefiner:
                     if global_search:
                         centres_rot, centres_org = self._coarse_search(
                             x, ctf, weight, q, state, rows, coords, m_coarse, [proj_c[j] for j in cls], profile,
-                            coarse_shift)
+                            coarse_shift, n_top)
                         ang_prior = None
                     else:
                         centres_rot = torch.as_tensor(state.rotations[rows], dtype=self.dtype,
@@ -378,8 +381,8 @@ class MulticlassRefiner:
         ph = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(*shape, -1)
         return x.reshape(x.shape[0], *([1] * (len(shape) - 1)), -1) * ph
 
-    def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile, shifts):
-        """Best ``top_poses`` (rotation, origin) per image and class on the coarse global grid."""
+    def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile, shifts, n_top):
+        """Best ``n_top`` (rotation, origin) per image and class on the coarse global grid."""
         b = x.shape[0]
         cand = self._origins(torch.as_tensor(state.origins_px[rows] * 0.0 if state.iteration == 0 else
                                              state.origins_px[rows], dtype=self.dtype, device=self.device),
@@ -391,7 +394,7 @@ class MulticlassRefiner:
         rots, orgs = [], []
         chunk = max(1, int(1e7 // max(1, b * n_shift)))  # scores of one chunk: 40 MB
         for pr, pw in proj_c:
-            top = TopK(b, self.opt.top_poses, self.device)
+            top = TopK(b, n_top, self.device)
             for start in range(0, pr.shape[0], chunk):
                 s = scores_shared(a, qc, pr[start:start + chunk], pw[start:start + chunk], profile)  # (B, S, R)
                 top.update(s.transpose(1, 2).reshape(b, -1), start * n_shift)
@@ -400,7 +403,7 @@ class MulticlassRefiner:
             orgs.append(torch.gather(cand, 1, s_idx[..., None].expand(-1, -1, 2)))
         return torch.stack(rots, 1), torch.stack(orgs, 1)  # (B, K, T, 3, 3), (B, K, T, 2)
 
-    def _batch_size(self, k_cls: int, global_search: bool, m: int) -> int:
+    def _batch_size(self, k_cls: int, global_search: bool, m: int, n_top: int) -> int:
         """Images per E-step batch: at most ``batch_size``, and few enough that the fine search's
         per-batch tensors (projections, their power, shifted and weighted images: ~24 bytes per
         candidate and frequency) stay within BATCH_BYTES. Large temporaries are what set the
@@ -409,7 +412,7 @@ class MulticlassRefiner:
         if self.device.type != "cpu":
             return self.opt.batch_size
         if global_search:
-            t, n_rot, n_shift = self.opt.top_poses, len(self.fine_rot), len(self.fine_shift)
+            t, n_rot, n_shift = n_top, len(self.fine_rot), len(self.fine_shift)
         else:
             t, n_rot, n_shift = 1, len(self.local_rot), len(self.local_shift)
         per_image = 24 * k_cls * t * (n_rot + n_shift) * m
