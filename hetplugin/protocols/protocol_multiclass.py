@@ -338,6 +338,16 @@ class ProtMulticlassRefine(ProtHetBase):
                          % (c['class_number'], size, 100.0 * size / max(n, 1),
                             c.get('resolution_A', float('nan')),
                             ' (below the minimum class size)' if c.get('below_min_size') else ''))
+        realigned = [h['iteration'] for h in model.get('history') or [] if h.get('stage') == 'class alignment']
+        if realigned:
+            lines.append('Classes re-aligned on their own in iterations %d-%d (global search from the '
+                         'reference)%s.' % (min(realigned), max(realigned),
+                                            ', then turned into its frame' if self.symmetryGroup.get() == 'C1'
+                                            else ''))
+        elif (len(self._referenceVolumes()) == 1 and len(model['classes']) > 1 and self.realignIterations.get() > 0
+              and not (self._useLocalSearch() and self.inputParticles.get().hasAlignmentProj())):
+            lines.append('Classes were not re-aligned on their own: too few iterations for it '
+                         '(see Class re-alignment iterations).')
         return lines
 
     def _methods(self):

@@ -202,6 +202,7 @@ class TestMulticlassRefine(_ProjectTest):
         summary = '\n'.join(prot.summary())
         self.assertIn('class 1', summary)
         self.assertIn('particles', summary)
+        self.assertNotIn('re-aligned', summary)      # local searches around the given alignment
         self.assertTrue(prot.methods())
         self.assertEqual(sorted(prot._citations()), ['Punjani2017', 'Scheres2012a', 'Scheres2012b'])
 
