@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fourier import fftn_centered, ifftn_centered, lowpass_volume
+from .fourier import crop_ft_grid, fftn_centered, ifftn_centered, lowpass_volume
 from .poses import local_grid
 
 
@@ -45,8 +45,7 @@ def _downsample(volume: torch.Tensor, size: int) -> torch.Tensor:
     d = volume.shape[-1]
     if size >= d:
         return volume
-    s = d // 2 - size // 2
-    ft = fftn_centered(volume.to(torch.complex128), (-3, -2, -1))[s:s + size, s:s + size, s:s + size]
+    ft = crop_ft_grid(fftn_centered(volume.to(torch.complex128), (-3, -2, -1)), size)
     return ifftn_centered(ft, (-3, -2, -1)).real.to(volume.dtype) * (size / d) ** 3
 
 
