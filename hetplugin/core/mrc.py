@@ -6,8 +6,9 @@ Conventions
   Angstrom (``pixel_size_A``), taken from the header voxel size.
 * Image stacks are addressed like RELION: ``(path, index)`` with a 1-based ``index`` along the
   third axis of the MRC file (a 2D single-image ``.mrc`` holds index 1).
-* Stacks are memory-mapped and read image by image (vectorised per file); they are never
-  loaded whole. Handles are cached by path (``open_stack``) and released by ``close_all``.
+* Stacks are read with positional reads, only the requested images (near neighbours in one
+  read); they are never loaded whole nor memory-mapped. Open stacks are cached by path
+  (``open_stack``) and released by ``close_all``.
 * A Scipion-style format suffix (``volume.mrc:mrc``) is accepted on every path.
 * Bad input raises ``ValueError`` naming the file and saying what to do.
 
@@ -28,7 +29,7 @@ import mrcfile
 import numpy as np
 
 __all__ = ["MrcHeader", "read_header", "read_volume", "write_volume", "write_stack",
-           "open_stack", "close_all", "StackReader", "check_images", "strip_format_suffix"]
+           "open_stack", "close_all", "Stack", "StackReader", "check_images", "strip_format_suffix"]
 
 _SUFFIX = re.compile(r":(mrcs?|map)$", re.IGNORECASE)
 _MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
@@ -36,7 +37,7 @@ _CONVERT_HINT = ("the core reads only MRC stacks: convert it first, e.g. "
                  "'relion_image_handler --i <in> --o <out>.mrcs' or Scipion's convert/export")
 
 _LOCK = threading.RLock()
-_HANDLES: "OrderedDict[str, mrcfile.mrcmemmap.MrcMemmap]" = OrderedDict()
+_HANDLES: "OrderedDict[str, Stack]" = OrderedDict()
 
 
 def strip_format_suffix(path: str | os.PathLike) -> str:
@@ -214,7 +215,7 @@ def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size_A: float
 
 # --------------------------------------------------------------------------- stacks
 def _max_open_handles() -> int:
-    """How many stacks may stay memory-mapped at once (each mapping holds a descriptor)."""
+    """How many stacks may stay open at once (each holds a descriptor)."""
     try:
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -225,60 +226,97 @@ def _max_open_handles() -> int:
     return 256
 
 
-def _close_handle(handle) -> None:
-    try:
-        handle.close()
-    except (BufferError, ValueError, OSError):
-        pass  # still referenced by a live array view: the garbage collector unmaps it later
+# images at most this many apart in a stack are read with one positional read (the ones between
+# are skipped in memory); one read spans at most _SPAN_BYTES
+_GAP_IMAGES = 4
+_SPAN_BYTES = 64 << 20
 
 
-def open_stack(path: str | os.PathLike):
-    """Memory-mapped, read-only mrcfile handle for ``path``, cached by absolute path.
+class Stack:
+    """An open MRC image stack: its header and a read-only descriptor.
 
-    Least recently used handles are closed beyond a limit derived from the open-file limit.
+    Images are read with positional reads into the caller's array, not memory-mapped: pages
+    a mapping has touched count towards the process's resident memory until it is closed,
+    which for a data set larger than memory is all of it. Read pages stay in the system's
+    file cache instead, shared and reclaimable.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header = read_header(path)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def read(self, index0: np.ndarray, out: np.ndarray) -> None:
+        """Images at 0-based positions ``index0`` (ascending) into ``out`` (len(index0), ny, nx)."""
+        h = self.header
+        frame = h.nx * h.ny * h.dtype.itemsize
+        index0 = np.asarray(index0, dtype=np.int64)
+        per_span = max(1, _SPAN_BYTES // frame)
+        start = 0
+        while start < len(index0):
+            first = int(index0[start])
+            # the run of images that one read covers: gaps of at most _GAP_IMAGES, within one span
+            gaps = np.diff(index0[start:start + per_span])
+            breaks = np.flatnonzero((gaps > _GAP_IMAGES) | (index0[start + 1:start + per_span] - first >= per_span))
+            stop = start + (int(breaks[0]) + 1 if breaks.size else len(gaps) + 1)
+            count = int(index0[stop - 1]) - first + 1
+            buf = os.pread(self._fd, count * frame, h.data_offset + first * frame)
+            if len(buf) != count * frame:
+                raise ValueError(f"{self.path} ended while reading images {first + 1}..{first + count}; "
+                                 f"re-create or re-copy it ({_CONVERT_HINT})")
+            block = np.frombuffer(buf, dtype=h.dtype).reshape(count, h.ny, h.nx)
+            out[start:stop] = block[index0[start:stop] - first]
+            start = stop
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def open_stack(path: str | os.PathLike) -> Stack:
+    """The open :class:`Stack` of ``path``, cached by absolute path.
+
+    Least recently used stacks are closed beyond a limit derived from the open-file limit.
     Release everything with ``close_all()``.
     """
     key = os.path.abspath(strip_format_suffix(path))
     with _LOCK:
-        handle = _HANDLES.get(key)
-        if handle is not None:
+        stack = _HANDLES.get(key)
+        if stack is not None:
             _HANDLES.move_to_end(key)
-            return handle
+            return stack
         if not os.path.isfile(key):
             raise ValueError(f"image stack not found: {key}. Check the STAR file's image paths "
                              "or the project directory (--root).")
-        try:
-            handle = mrcfile.mmap(key, mode="r")
-        except ValueError:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                handle = mrcfile.mmap(key, mode="r", permissive=True)
-            if handle.data is None:
-                handle.close()
-                raise ValueError(f"{key} is not a readable MRC stack; {_CONVERT_HINT}") from None
-        _HANDLES[key] = handle
+        stack = Stack(key)
+        _HANDLES[key] = stack
         limit = _max_open_handles()
         while len(_HANDLES) > limit:
-            _close_handle(_HANDLES.popitem(last=False)[1])
-        return handle
+            _HANDLES.popitem(last=False)[1].close()
+        return stack
 
 
 def close_stack(path: str | os.PathLike) -> None:
     """Close the cached handle of one stack, if open."""
     key = os.path.abspath(strip_format_suffix(path))
     with _LOCK:
-        handle = _HANDLES.pop(key, None)
-    if handle is not None:
-        _close_handle(handle)
+        stack = _HANDLES.pop(key, None)
+    if stack is not None:
+        stack.close()
 
 
 def close_all() -> None:
     """Close every cached stack handle."""
     with _LOCK:
-        handles = list(_HANDLES.values())
+        stacks = list(_HANDLES.values())
         _HANDLES.clear()
-    for handle in handles:
-        _close_handle(handle)
+    for stack in stacks:
+        stack.close()
 
 
 def _factorize(paths: Iterable[str]) -> tuple[list[str], np.ndarray]:
@@ -303,8 +341,8 @@ def _address_arrays(paths, indices) -> tuple[list[str], np.ndarray, np.ndarray]:
 class StackReader:
     """Reads images addressed by (path, 1-based index), returning them in the requested order.
 
-    Each file is opened once (memory-mapped through ``open_stack``) and read per call with one
-    vectorised fancy-indexing operation per file, so only the requested images are touched.
+    Each file is opened once (through ``open_stack``) and read per call in ascending image
+    order, so only the requested images (and small gaps between them) are read.
     """
 
     def __init__(self, paths: np.ndarray, indices: np.ndarray):
@@ -331,13 +369,11 @@ class StackReader:
             self._shape = read_header(self._files[0]).image_shape
         return self._shape
 
-    def _stack(self, code: int) -> np.ndarray:
+    def _stack(self, code: int) -> Stack:
         path = self._files[code]
-        data = open_stack(path).data
+        stack = open_stack(path)
         self._opened.add(path)
-        if data is None or data.ndim not in (2, 3):
-            raise ValueError(f"{path} is not a 2D image or an image stack; {_CONVERT_HINT}")
-        return data[None] if data.ndim == 2 else data
+        return stack
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Images of particle ``rows`` (0-based rows of the data set) as (len(rows), y, x) float32."""
@@ -357,17 +393,19 @@ class StackReader:
             code = int(sorted_codes[start])
             targets = order[start:stop]
             index0 = self._index0[rows[targets]]
-            data = self._stack(code)
-            if data.shape[1:] != (ny, nx):
-                raise ValueError(f"{self._files[code]} holds {data.shape[2]}x{data.shape[1]} images, "
+            stack = self._stack(code)
+            h = stack.header
+            if (h.ny, h.nx) != (ny, nx):
+                raise ValueError(f"{self._files[code]} holds {h.nx}x{h.ny} images, "
                                  f"others {nx}x{ny}: all particles need the same box (re-extract)")
-            if index0.min() < 0 or index0.max() >= data.shape[0]:
-                bad = int(index0.max() + 1 if index0.max() >= data.shape[0] else index0.min() + 1)
+            if index0.min() < 0 or index0.max() >= h.n_images:
+                bad = int(index0.max() + 1 if index0.max() >= h.n_images else index0.min() + 1)
                 raise ValueError(f"image index {bad} is out of range for {self._files[code]} "
-                                 f"({data.shape[0]} images); check the STAR file's image names")
+                                 f"({h.n_images} images); check the STAR file's image names")
             sort = np.argsort(index0, kind="stable")  # sequential access inside the file
-            out[targets[sort]] = data[index0[sort]]
-            del data
+            block = np.empty((len(sort), ny, nx), dtype=np.float32)
+            stack.read(index0[sort], block)
+            out[targets[sort]] = block
         return out
 
     def close(self) -> None:

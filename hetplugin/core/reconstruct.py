@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .fourier import half_plane_coords, pad_ft_grid
-from .projection import _corners, _crop_real_centered, frequency_mask, hermitian_symmetrize
+from .projection import PROJECT_CHUNK_POINTS, _corners, _crop_real_centered, frequency_mask, hermitian_symmetrize
 
 
 class Backprojector:
@@ -71,12 +71,17 @@ class Backprojector:
         else:
             vals, wts = images_ft * (ctf * w), ctf * ctf * w
         rot = rotations.to(device=self.device, dtype=self.dtype).to(dtype=coords.dtype)
-        # the same interpolation corners serve the data and the weight grids
-        idx, cw = _corners(rot, coords, self.pad, self.size)
-        idx = idx.reshape(-1)
-        cw = cw.to(self.dtype)
-        for row, v in zip(self.acc, (vals.real, vals.imag, wts)):
-            row.index_add_(0, idx, (v.to(self.dtype).reshape(1, -1) * cw).reshape(-1))
+        # images go in chunks of ~2^18 points on the CPU (64x on a GPU): the corner indices and
+        # weights take ~100 bytes a point
+        chunk = PROJECT_CHUNK_POINTS if self.device.type == "cpu" else 64 * PROJECT_CHUNK_POINTS
+        step = max(1, chunk // max(coords.shape[0], 1))
+        for start in range(0, rot.shape[0], step):
+            # the same interpolation corners serve the data and the weight grids
+            idx, cw = _corners(rot[start:start + step], coords, self.pad, self.size)
+            idx = idx.reshape(-1)
+            cw = cw.to(self.dtype)
+            for row, v in zip(self.acc, (vals.real, vals.imag, wts)):
+                row.index_add_(0, idx, (v[start:start + step].to(self.dtype).reshape(1, -1) * cw).reshape(-1))
 
     def add(self, other: "Backprojector") -> None:
         """Sum another accumulator into this one (e.g. per-batch or per-rank partial sums)."""

@@ -1,6 +1,7 @@
 """Tests of hetplugin.core.mrc: volumes, stacks, memory-mapped reading and image checks."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mrcfile
@@ -89,13 +90,39 @@ def test_stack_reader_returns_requested_order(tmp_path):
             reader.read(np.array([9]))
 
 
-def test_open_stack_is_cached_memory_map(tmp_path):
+def test_open_stack_is_cached_until_closed(tmp_path):
     write_stack(tmp_path / "s.mrcs", np.ones((4, 8, 8), np.float32), 1.0)
     first = open_stack(tmp_path / "s.mrcs")
     assert open_stack(str(tmp_path / "s.mrcs")) is first
-    assert isinstance(first.data, np.memmap) and not first.data.flags.writeable
     close_all()
+    assert first.closed
     assert open_stack(tmp_path / "s.mrcs") is not first
+
+
+def test_stack_reads_runs_and_gaps_without_mapping(tmp_path, monkeypatch):
+    """Scattered, repeated and far-apart indices come back right whichever way the reads are
+    split (small spans force several reads), and the stack is never memory-mapped, so that
+    the pages read do not stay in the process's resident memory."""
+    images = np.random.default_rng(3).normal(size=(40, 6, 8)).astype(np.float32)
+    write_stack(tmp_path / "s.mrcs", images, 1.0)
+    rows = np.array([39, 0, 1, 3, 3, 9, 20, 21, 38, 2])
+    for span in (mrc._SPAN_BYTES, 2 * 6 * 8 * 4):
+        monkeypatch.setattr(mrc, "_SPAN_BYTES", span)
+        with StackReader(np.array([str(tmp_path / "s.mrcs")] * 40, dtype=object), np.arange(1, 41)) as reader:
+            assert np.array_equal(reader.read(rows), images[rows])
+            if os.path.exists("/proc/self/maps"):
+                with open("/proc/self/maps") as maps:
+                    assert str(tmp_path / "s.mrcs") not in maps.read()
+
+
+def test_truncated_stack_fails_on_read(tmp_path):
+    write_stack(tmp_path / "s.mrcs", np.zeros((4, 4, 4), np.float32), 1.0)
+    stack = open_stack(tmp_path / "s.mrcs")
+    os.truncate(tmp_path / "s.mrcs", 1024 + 3 * 64)
+    out = np.empty((1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="ended while reading images 4..4"):
+        stack.read(np.array([3]), out)
+    close_all()
 
 
 def test_stack_reader_out_of_range_index(tmp_path):
