@@ -7,7 +7,8 @@ with equivalent settings (global search from the consensus map low-passed to the
 resolution), and prints for both: class accuracy and adjusted Rand index against the
 truth, FSC of each class map against its true map (resolution at 0.5 and 0.143),
 median angular error (also with each class's frame turn removed: a class map may come out
-turned as a whole, and its particles' poses with it), wall time, peak memory, and the ratios.
+turned as a whole, and its particles' poses with it), wall time, peak memory (and the part of
+ours that ``import torch`` alone takes), and the ratios.
 
     python benchmarks/bench_multiclass.py [--particles 2000] [--box 64] [--snr 0.1] [--skip-relion]
 """
@@ -174,6 +175,8 @@ def main() -> None:
     print("pose error with each class's frame turn removed (a class map may come out turned as a whole): "
           + "; ".join(f"{name} median {r['median_frame_error_deg']:.1f} deg (turns "
                       + ", ".join(f"{f:.1f}" for f in r["frame_rotation_deg"]) + " deg)" for name, r, _, _ in rows))
+    _, mem_torch = timed([sys.executable, "-c", "import torch"], work, work / "import_torch.log")
+    print(f"peak memory of 'import torch' alone, part of every run of ours: {mem_torch:.0f} MB")
     if len(rows) == 2:
         (_, ro, to, mo), (_, rr, tr, mr) = rows
         print(f"ratios (hetplugin / RELION): accuracy {ro['accuracy'] / rr['accuracy']:.3f}, "

@@ -346,7 +346,8 @@ class MulticlassRefiner:
         if done:
             # at least r iterations; more while poses still move by over a step on average, as
             # long as two are left (the global search over all classes and a local one)
-            moving = done[-1]["mean_angle_change_deg"] > self.opt.angular_step_deg and it <= self.opt.iterations - 2
+            moving = realignment_moving(state.history, self.opt.angular_step_deg) is not None \
+                and it <= self.opt.iterations - 2
             return "class alignment" if state.history[-1]["stage"] == "class alignment" and (
                 len(done) < r or moving) else "classification"
         if it <= self.anneal_end(state) or it + r > self.opt.iterations:
@@ -675,6 +676,16 @@ class MulticlassRefiner:
                 and last["changed_class_fraction"] <= change_fraction
                 and last["mean_angle_change_deg"] < 0.5 * self.opt.angular_step_deg
                 and max(last["resolution_A"]) >= max(prev["resolution_A"]) - 0.5 * self.px)
+
+
+def realignment_moving(history: list, angular_step_deg: float) -> float | None:
+    """The mean pose change (degrees) of the last class re-alignment iteration in ``history`` when
+    it is over the angular step (the poses were still moving), else None. After a run, a value
+    means the re-alignment was cut short by the iteration limit."""
+    done = [h for h in history if h["stage"] == "class alignment"]
+    if done and done[-1]["mean_angle_change_deg"] > angular_step_deg:
+        return float(done[-1]["mean_angle_change_deg"])
+    return None
 
 
 def match_classes(first: list[np.ndarray], second: list[np.ndarray]) -> np.ndarray:

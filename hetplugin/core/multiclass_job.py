@@ -21,7 +21,7 @@ from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
 from .masks import check_mask
 from .mrc import read_volume, write_volume
-from .multiclass import MulticlassOptions, MulticlassRefiner, MulticlassState
+from .multiclass import MulticlassOptions, MulticlassRefiner, MulticlassState, realignment_moving
 from .rotations import matrix_to_euler
 from .starfile import read_particles, write_particles
 
@@ -187,8 +187,13 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
         if small:
             log(f"WARNING: class {j + 1} holds {sizes[j]} particles, below the minimum class size "
                 f"{opt.min_class_size}: its map over-fits noise; merge it or use fewer classes")
+    unfinished = realignment_moving(state.history, opt.angular_step_deg)
+    if unfinished is not None:
+        log(f"WARNING: the class re-alignment ended at the iteration limit with poses still changing by "
+            f"{unfinished:.1f} deg on average (over the {opt.angular_step_deg:g} deg step): the class maps "
+            f"can get sharper with more iterations (e.g. --iterations {opt.iterations + 5})")
     model = dict(n_particles=len(table), iterations=state.iteration, converged=bool(converged),
-                 pixel_size_A=pixel_size_A,
+                 pixel_size_A=pixel_size_A, realignment_unfinished_deg=unfinished,
                  options=dataclasses.asdict(opt), classes=classes, history=state.history)
     (out / "model.json").write_text(json.dumps(model, indent=1))
     (out / "history.json").write_text(json.dumps(state.history, indent=1))

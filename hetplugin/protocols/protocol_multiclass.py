@@ -344,6 +344,10 @@ class ProtMulticlassRefine(ProtHetBase):
                          'reference)%s.' % (min(realigned), max(realigned),
                                             ', then turned into its frame' if self.symmetryGroup.get() == 'C1'
                                             else ''))
+            if model.get('realignment_unfinished_deg') is not None:
+                lines.append('The re-alignment was cut short by the iteration limit: poses still changed by '
+                             '%.1f deg on average. More iterations (e.g. %d) can give sharper class maps.'
+                             % (model['realignment_unfinished_deg'], model.get('iterations', 0) + 5))
         elif (len(self._referenceVolumes()) == 1 and len(model['classes']) > 1 and self.realignIterations.get() > 0
               and not (self._useLocalSearch() and self.inputParticles.get().hasAlignmentProj())):
             lines.append('Classes were not re-aligned on their own: too few iterations for it '

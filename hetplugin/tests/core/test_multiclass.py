@@ -189,7 +189,7 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
 
 def test_class_realignment_comes_once_the_classification_has_settled():
     from types import SimpleNamespace
-    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner
+    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner, realignment_moving
 
     refiner = MulticlassRefiner.__new__(MulticlassRefiner)
     refiner.opt, refiner.px = MulticlassOptions(iterations=25, alignment_iterations=4, realign_iterations=5), 2.0
@@ -214,6 +214,10 @@ def test_class_realignment_comes_once_the_classification_has_settled():
     assert refiner.stage(22, state) == "class alignment"
     state.history += [dict(entry(it, "class alignment"), mean_angle_change_deg=20.0) for it in (22, 23)]
     assert refiner.stage(24, state) == "classification"
+    # ... and the run says that the limit cut it short (not when the poses had settled)
+    assert realignment_moving(state.history + [entry(24, "classification")], 7.5) == 20.0
+    state.history[-1]["mean_angle_change_deg"] = 5.0
+    assert realignment_moving(state.history, 7.5) is None and realignment_moving([], 7.5) is None
     # never settled: it starts when only it and one more iteration are left
     state.history = [entry(it, "classification", 0.05) for it in range(15, 19)]
     assert refiner.stage(19, state) == "classification" and refiner.stage(20, state) == "class alignment"
@@ -235,7 +239,6 @@ def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
     """A class whose particles carry wrong poses (as a state far from the consensus gets them)
     is aligned again on its own: its particles stay in it, their poses come out right, in the
     reference's frame, and so does its map."""
-    import torch
     from hetplugin.core.dataset import ParticleDataset
     from hetplugin.core.mrc import read_volume
     from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner
