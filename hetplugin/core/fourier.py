@@ -75,11 +75,6 @@ def crop_ft_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
     return crop_volume(grid, size)
 
 
-def pad_ft_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad a centred transform grid to (size, size, size), keeping the zero frequency at size // 2."""
-    return grid if grid.shape[-1] == size else pad_volume(grid, size)
-
-
 def crop_images(images: torch.Tensor, box: int) -> torch.Tensor:
     """Central (box, box) window of (..., D, D) real images."""
     d = images.shape[-1]

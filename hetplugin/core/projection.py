@@ -169,23 +169,6 @@ def _scatter(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, out: torc
         flat.index_add_(0, idx.reshape(-1), (values.reshape(-1)[None] * w.to(values.dtype)).reshape(-1))
 
 
-def hermitian_symmetrize(grid: torch.Tensor) -> torch.Tensor:
-    """grid(q) + conj(grid(-q)) on a centred even grid (P, P, P): completes half-plane backprojections."""
-    # the mirror of index i is (P - i) mod P: index 0 maps onto itself, 1..P-1 onto P-1..1,
-    # so each of the 8 blocks {0, 1:}^3 is a flip of itself (one copy instead of flip + roll)
-    out = torch.empty_like(grid)
-    parts = (slice(0, 1), slice(1, None))
-    for a in (0, 1):
-        for b in (0, 1):
-            for c in (0, 1):
-                region = (..., parts[a], parts[b], parts[c])
-                dims = [d for d, f in zip((-3, -2, -1), (a, b, c)) if f]
-                src = grid[region]
-                mirrored = torch.flip(src, dims) if dims else src
-                torch.add(src, mirrored.conj() if grid.is_complex() else mirrored, out=out[region])
-    return out
-
-
 def project_images(volume: torch.Tensor, rotations: torch.Tensor, origins_px: torch.Tensor | None = None,
                    ctf: torch.Tensor | None = None, pad: int = 2, r_max: float | None = None,
                    prepared: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,17 +10,24 @@ floor. Images are given as half-plane transforms on the frequencies selected by
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from .fourier import half_plane_coords, pad_ft_grid
-from .projection import PROJECT_CHUNK_POINTS, _corners, _crop_real_centered, frequency_mask, hermitian_symmetrize
+from .fourier import half_plane_coords
+from .projection import PROJECT_CHUNK_POINTS, frequency_mask, gridding_correction
 
 
 class Backprojector:
-    """Accumulates data and weight grids for one volume of box ``box`` (padded by ``pad``)."""
+    """Accumulates data and weight grids for one volume of box ``box`` (padded by ``pad``).
+
+    The grids hold the half space x >= 0 (P, P, P/2+1), z and y centred at P/2, x from 0: the
+    map is real, so its transform is Hermitian and a sample at q with x < 0 goes in as its
+    conjugate at -q (as RELION's backprojector does). That halves the largest arrays of a
+    refinement, and the map comes back with a real inverse transform.
+    """
 
     def __init__(self, box: int, pad: int = 2, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, r_max: float | None = None, grid_box: int | None = None):
@@ -34,6 +41,7 @@ class Backprojector:
         self.box, self.pad, self.dtype, self.grid_box = box, pad, dtype, grid_box
         self.device = torch.device(device)
         self.size = pad * grid_box
+        self.shape = (self.size, self.size, self.size // 2 + 1)
         r_max = grid_box / 2 - 1 if r_max is None else min(r_max, grid_box / 2 - 1)
         sel = frequency_mask(box, r_max)
         self.select = torch.as_tensor(sel, device=self.device)
@@ -41,17 +49,17 @@ class Backprojector:
         self.coords = torch.as_tensor(k, dtype=dtype, device=self.device)
         # rows: real part, imaginary part and weight, flattened; three real index_add_ calls are
         # ~2.5x faster on CPU than one complex index_add_ plus one real
-        self.acc = torch.zeros((3, self.size ** 3), dtype=dtype, device=self.device)
+        self.acc = torch.zeros((3, math.prod(self.shape)), dtype=dtype, device=self.device)
 
     @property
     def data(self) -> torch.Tensor:
-        """(P, P, P) complex data grid (a new tensor)."""
-        return torch.complex(self.acc[0], self.acc[1]).view((self.size,) * 3)
+        """(P, P, P/2+1) complex data grid, half space x >= 0 (a new tensor)."""
+        return torch.complex(self.acc[0], self.acc[1]).view(self.shape)
 
     @property
     def weight(self) -> torch.Tensor:
-        """(P, P, P) real weight grid (a view)."""
-        return self.acc[2].view((self.size,) * 3)
+        """(P, P, P/2+1) real weight grid, half space x >= 0 (a view)."""
+        return self.acc[2].view(self.shape)
 
     def insert(self, images_ft: torch.Tensor, rotations: torch.Tensor, ctf: torch.Tensor | None = None,
                image_weights: torch.Tensor | None = None, coords: torch.Tensor | None = None) -> None:
@@ -77,34 +85,43 @@ class Backprojector:
         step = max(1, chunk // max(coords.shape[0], 1))
         for start in range(0, rot.shape[0], step):
             # the same interpolation corners serve the data and the weight grids
-            idx, cw = _corners(rot[start:start + step], coords, self.pad, self.size)
-            idx = idx.reshape(-1)
+            idx, cw, sign = _half_corners(rot[start:start + step], coords, self.pad, self.size)
             cw = cw.to(self.dtype)
-            for row, v in zip(self.acc, (vals.real, vals.imag, wts)):
-                row.index_add_(0, idx, (v[start:start + step].to(self.dtype).reshape(1, -1) * cw).reshape(-1))
+            imag = vals.imag[start:start + step].reshape(-1) * sign.to(vals.real.dtype)
+            for row, v in zip(self.acc, (vals.real[start:start + step].reshape(-1), imag,
+                                         wts[start:start + step].reshape(-1))):
+                row.index_add_(0, idx, (v.to(self.dtype)[None] * cw).reshape(-1))
 
     def add(self, other: "Backprojector") -> None:
         """Sum another accumulator into this one (e.g. per-batch or per-rank partial sums)."""
         self.acc += other.acc
 
     def grids(self, symmetry: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hermitian-completed (data, weight) grids, summed over the symmetry operators (G, 3, 3) if given."""
-        data, weight = hermitian_symmetrize(self.data), hermitian_symmetrize(self.weight)
+        """Hermitian-completed half-space (data, weight) grids (P, P, P/2+1), summed over the
+        symmetry operators (G, 3, 3) if given."""
+        data, weight = self.data, self.weight.clone()
+        # on the plane x = 0 both q and -q are held: G(q) + conj(G(-q)) completes it
+        for grid in (data, weight):
+            plane = grid[..., 0].clone()
+            mirror = torch.roll(torch.flip(plane, (0, 1)), (1, 1), (0, 1))  # index i -> (P - i) mod P
+            grid[..., 0] = plane + (mirror.conj() if grid.is_complex() else mirror)
         if symmetry is not None and len(symmetry) > 1:
-            data, weight = symmetrize_grids(data, weight, symmetry)
+            full_d, full_w = symmetrize_grids(_full_grid(data), _full_grid(weight), symmetry)
+            data, weight = _half_grid(full_d), _half_grid(full_w)
         return data, weight
 
     def reconstruct(self, snr_per_shell: np.ndarray | None = None, tau2_fudge: float = 1.0,
                     symmetry: np.ndarray | None = None, floor_fraction: float = 1e-3) -> torch.Tensor:
         """Real (D, D, D) map. ``snr_per_shell`` (D//2+1,) gives the Wiener term; without it a small floor."""
         data, weight = self.grids(symmetry)  # fresh tensors: modified in place below
-        size = self.size
+        size, n_x = self.size, self.shape[2]
         n_shells = self.box // 2 + 1
         # per-voxel quantities depend only on the squared radius r2 = x^2 + y^2 + z^2 (integer):
-        # small look-up tables replace the (P, P, P) radius grid; the grids go through in z-slabs
-        shell_of, sign_of, z2, yx2 = _shell_tables(size, self.pad, n_shells, self.grid_box / 2 - 1 + 1e-6,
-                                                   str(self.device), self.dtype)
-        step = max(1, (1 << 22) // (size * size))
+        # small look-up tables replace the radius grid; the grids go through in z-slabs. On the
+        # plane x = 0 the half space holds q and -q: each counts once in the shell means
+        shell_of, inside_of, z2, yx2, once_x = _shell_tables(size, self.pad, n_shells, self.grid_box / 2 - 1 + 1e-6,
+                                                          str(self.device), self.dtype)
+        step = max(1, (1 << 22) // (size * n_x))
         slabs = [(z0, min(size, z0 + step)) for z0 in range(0, size, step)]
 
         def r2_of(z0, z1):
@@ -113,12 +130,12 @@ class Backprojector:
         sums = torch.zeros(n_shells, dtype=self.dtype, device=self.device)
         counts = torch.zeros(n_shells, dtype=self.dtype, device=self.device)
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        for z0, z1 in slabs:  # same additions in the same order as over the whole grid (plus zeros)
+        for z0, z1 in slabs:
             s = shell_of[r2_of(z0, z1)]
             w = weight[z0:z1].reshape(-1)
-            inside = w > 0
-            sums.index_add_(0, s, torch.where(inside, w, zero))
-            counts.index_add_(0, s, inside.to(self.dtype))
+            count = torch.where(w > 0, once_x.expand(z1 - z0, size, n_x).reshape(-1), zero)
+            sums.index_add_(0, s, w * count)
+            counts.index_add_(0, s, count)
         mean_w = sums / counts.clamp(min=1)
         reg = floor_fraction * mean_w
         if snr_per_shell is not None:
@@ -129,31 +146,91 @@ class Backprojector:
         for z0, z1 in slabs:
             r2 = r2_of(z0, z1)
             w = weight[z0:z1].reshape(-1)
-            sg = sign_of[r2]  # (-1)^r2 inside the frequency limit, 0 outside
-            denom = (w + reg_of[r2]).mul_(sg)  # sign flips are exact
             # zero where there is no weight or beyond the limit: x / inf = 0
-            denom = torch.where((w > 0) & (sg != 0), denom, inf)
+            denom = torch.where((w > 0) & inside_of[r2], w + reg_of[r2], inf)
             d = torch.view_as_real(data[z0:z1]).view(-1, 2)
             d.div_(denom[:, None])  # complex / real, component-wise
-        # data now holds ft * (-1)^(x+y+z) (centred coordinates): the checkerboard replaces the
-        # ifftshift, and on the (even) padded box the output sign replaces the fftshift
-        ft = pad_ft_grid(data, self.pad * self.box)
-        return _crop_real_centered(torch.fft.ifftn(ft, dim=(-3, -2, -1)), self.box, self.pad)
+        return _half_grid_to_map(data, self.box, self.pad)
+
+
+def _half_corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int):
+    """Trilinear corners of rotated frequencies in a half-space (P, P, P/2+1) grid: flattened
+    indices (8 * R * M,), weights (8, R * M) (zero outside) and each point's sign (R * M,): -1
+    where x < 0, whose sample goes in at -q with its value conjugated."""
+    pos = torch.einsum("mi,rij->rmj", coords, rotations[:, :2, :]).reshape(-1, 3) * pad
+    sign = torch.where(pos[:, 0] < 0, -1.0, 1.0).to(pos.dtype)
+    n_x = size // 2 + 1
+    low = pos.new_tensor([0.0, size // 2, size // 2])
+    high = pos.new_tensor([n_x - 2, size - 2, size - 2])
+    pos = torch.addcmul(low, pos, sign[:, None])
+    base = torch.floor(pos)
+    frac = pos - base
+    inside = ((base >= 0) & (base <= high)).all(dim=1)
+    base = torch.clamp(base, min=torch.zeros_like(high), max=high).long()
+    lin = (base[:, 2] * size + base[:, 1]) * n_x + base[:, 0]
+    steps = torch.tensor([0, 1], device=pos.device)
+    offsets = ((steps[:, None, None] * size + steps[None, :, None]) * n_x + steps[None, None, :]).reshape(8)
+    idx = (lin[None, :] + offsets[:, None]).reshape(-1)
+    fx, fy, fz = (torch.stack([1 - frac[:, a], frac[:, a]]) for a in range(3))
+    w = (fz[:, None, None] * fy[None, :, None] * fx[None, None, :]).reshape(8, -1) * inside
+    return idx, w, sign
+
+
+def _full_grid(half: torch.Tensor) -> torch.Tensor:
+    """(P, P, P) centred grid from its Hermitian half space (P, P, P/2+1) (x = -P/2 left at 0)."""
+    size = half.shape[0]
+    full = half.new_zeros((size, size, size))
+    full[..., size // 2:] = half[..., :size // 2]
+    mirror = torch.roll(torch.flip(half[..., 1:size // 2], (0, 1, 2)), (1, 1), (0, 1))  # x < 0 from -q
+    full[..., 1:size // 2] = mirror.conj() if half.is_complex() else mirror
+    return full
+
+
+def _half_grid(full: torch.Tensor) -> torch.Tensor:
+    """The half space x >= 0 (P, P, P/2+1) of a centred (P, P, P) grid (x = P/2 set to 0)."""
+    size = full.shape[0]
+    half = full.new_zeros((size, size, size // 2 + 1))
+    half[..., :size // 2] = full[..., size // 2:]
+    return half
+
+
+def _half_grid_to_map(data: torch.Tensor, box: int, pad: int) -> torch.Tensor:
+    """Real (D, D, D) map from a Hermitian half-space transform (P, P, P/2+1) (z, y centred, x from
+    0) of the padded map, undoing the gridding correction.
+
+    The grid is zero-padded to the map's padded box N = pad * D and transformed back with a real
+    inverse FFT, z and y left centred: that multiplies the output by (-1)^(z+y), and the
+    central (D, D, D) is gathered from the FFT-ordered output with that sign undone.
+    """
+    size, n = data.shape[0], pad * box
+    if size != n:
+        padded = data.new_zeros((n, n, n // 2 + 1))
+        s = n // 2 - size // 2
+        padded[s:s + size, s:s + size, :size // 2 + 1] = data
+        data = padded
+    raw = torch.fft.irfftn(data, s=(n, n, n), dim=(-3, -2, -1))
+    centred = torch.arange(box, device=data.device) - box // 2
+    at = centred % n
+    vol = raw.index_select(0, at).index_select(1, at).index_select(2, at)
+    sign = 1.0 - 2.0 * (centred % 2).to(vol.dtype)
+    return vol * (sign[:, None, None] * sign[None, :, None]) / gridding_correction(box, pad, vol.device, vol.dtype)
 
 
 @lru_cache(maxsize=8)
 def _shell_tables(size: int, pad: int, n_shells: int, limit: float, device: str, dtype: torch.dtype):
-    """Look-up tables over r2 = x^2 + y^2 + z^2 of a centred (P, P, P) grid: the shell index
-    round(sqrt(r2) / pad) (clamped to n_shells - 1) and (-1)^r2 where sqrt(r2) / pad <= limit (0 beyond);
-    with z^2 (P,) and y^2 + x^2 (P, P) as int64."""
+    """Look-up tables over r2 = x^2 + y^2 + z^2 of a half-space (P, P, P/2+1) grid (z, y centred,
+    x from 0): the shell index round(sqrt(r2) / pad) (clamped to n_shells - 1) and whether
+    sqrt(r2) / pad <= limit; z^2 (P,) and y^2 + x^2 (P, P/2+1) as int64; and the count (P/2+1,)
+    a voxel carries in shell means, by x (1/2 on the plane x = 0, which holds both q and -q)."""
     dev = torch.device(device)
     half = size // 2
     r = torch.as_tensor(np.sqrt(np.arange(3 * half * half + 1, dtype=np.float64)) / pad, dtype=dtype, device=dev)
     shell_of = torch.round(r).long().clamp_(max=n_shells - 1)
-    parity = torch.arange(len(r), device=dev) % 2
-    sign_of = torch.where(r <= limit, 1.0 - 2.0 * parity.to(dtype), torch.zeros((), dtype=dtype, device=dev))
     ax2 = (torch.arange(size, device=dev) - half) ** 2
-    return shell_of, sign_of, ax2, ax2[:, None] + ax2[None, :]
+    x2 = torch.arange(half + 1, device=dev) ** 2
+    once_x = torch.ones(half + 1, dtype=dtype, device=dev)
+    once_x[0] = 0.5
+    return shell_of, r <= limit, ax2, ax2[:, None] + x2[None, :], once_x
 
 
 def symmetrize_grids(data: torch.Tensor, weight: torch.Tensor, symmetry: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
