@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import shutil
 import subprocess
 import sys
@@ -92,17 +91,30 @@ def frame_rotation(r_true: np.ndarray, r_found: np.ndarray, within_deg: float = 
     return frame
 
 
+# Runs a command as its own child and writes that child's peak RSS (KB) to a file. The peak RSS
+# of a process started straight from this one would count this one's resident memory too
+# (Linux records the parent's at fork/exec: a 400 MB Python process reports 414 MB for
+# /bin/true), so commands start from this small interpreter instead.
+_MEASURE = ("import os, sys\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+            "_, status, usage = os.wait4(pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
     """Run ``cmd``; return (wall seconds, peak RSS of that process in MB)."""
+    peak = log.with_suffix(".peak_kb")
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage, not the max over all children
+        code = subprocess.call([sys.executable, "-S", "-c", _MEASURE, str(peak)] + cmd, cwd=cwd, stdout=fh,
+                               stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
     if code:
         raise subprocess.CalledProcessError(code, cmd)
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, int(peak.read_text()) / 1024.0
 
 
 def main() -> None:

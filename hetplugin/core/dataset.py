@@ -1,6 +1,6 @@
 """Particles as the engines see them: a STAR table, its image stacks and CTFs, read in batches.
 
-Images are read where they lie (memory-mapped MRC stacks, by index) one batch at
+Images are read where they lie (MRC stacks, by index, with positional reads) one batch at
 a time; nothing is loaded whole. Fourier work happens on half-plane frequency
 sets (see :mod:`hetplugin.core.fourier`), usually cropped to a resolution limit.
 """

@@ -187,11 +187,12 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
         if small:
             log(f"WARNING: class {j + 1} holds {sizes[j]} particles, below the minimum class size "
                 f"{opt.min_class_size}: its map over-fits noise; merge it or use fewer classes")
-    unfinished = realignment_moving(state.history, opt.angular_step_deg)
+    # the re-alignment goes on while poses change by over a step; said when cut short well before
+    unfinished = realignment_moving(state.history, 2 * opt.angular_step_deg)
     if unfinished is not None:
         log(f"WARNING: the class re-alignment ended at the iteration limit with poses still changing by "
-            f"{unfinished:.1f} deg on average (over the {opt.angular_step_deg:g} deg step): the class maps "
-            f"can get sharper with more iterations (e.g. --iterations {opt.iterations + 5})")
+            f"{unfinished:.1f} deg on average (over twice the {opt.angular_step_deg:g} deg step): the class "
+            f"maps can get sharper with more iterations (e.g. --iterations {opt.iterations + 5})")
     model = dict(n_particles=len(table), iterations=state.iteration, converged=bool(converged),
                  pixel_size_A=pixel_size_A, realignment_unfinished_deg=unfinished,
                  options=dataclasses.asdict(opt), classes=classes, history=state.history)
