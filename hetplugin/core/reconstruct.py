@@ -103,7 +103,7 @@ class Backprojector:
         # on the plane x = 0 both q and -q are held: G(q) + conj(G(-q)) completes it
         for grid in (data, weight):
             plane = grid[..., 0].clone()
-            mirror = torch.roll(torch.flip(plane, (0, 1)), (1, 1), (0, 1))  # index i -> (P - i) mod P
+            mirror = _mirror_zy(plane)
             grid[..., 0] = plane + (mirror.conj() if grid.is_complex() else mirror)
         if symmetry is not None and len(symmetry) > 1:
             full_d, full_w = symmetrize_grids(_full_grid(data), _full_grid(weight), symmetry)
@@ -181,9 +181,14 @@ def _full_grid(half: torch.Tensor) -> torch.Tensor:
     size = half.shape[0]
     full = half.new_zeros((size, size, size))
     full[..., size // 2:] = half[..., :size // 2]
-    mirror = torch.roll(torch.flip(half[..., 1:size // 2], (0, 1, 2)), (1, 1), (0, 1))  # x < 0 from -q
+    mirror = _mirror_zy(torch.flip(half[..., 1:size // 2], (2,)))  # x < 0 from -q
     full[..., 1:size // 2] = mirror.conj() if half.is_complex() else mirror
     return full
+
+
+def _mirror_zy(grid: torch.Tensor) -> torch.Tensor:
+    """``grid`` at -z, -y on centred axes 0 and 1: index i -> (P - i) mod P."""
+    return torch.roll(torch.flip(grid, (0, 1)), (1, 1), (0, 1))
 
 
 def _half_grid(full: torch.Tensor) -> torch.Tensor:
