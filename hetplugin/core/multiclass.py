@@ -516,9 +516,8 @@ class MulticlassRefiner:
         # significant samples into the class / half-set backprojectors; samples of one image that
         # share a class and rotation (differing in shift only) are summed first: one insertion each
         live = vals > 0
-        org_live = org_sel[live]  # only the live samples are shifted: (n, M) posterior-weighted
-        xs = x[bi[live]] * shift_phase(coords[:, 0], coords[:, 1], org_live[:, 0], org_live[:, 1], self.box) \
-            * vals[live][:, None]
+        # only the live samples are shifted: (n, M) posterior-weighted
+        xs = self._shifted(x[bi[live]], org_sel[live][:, None, :], coords)[:, 0] * vals[live][:, None]
         group_key = (bi * k_cls + j_idx) * (t * n_rot) + t_idx * n_rot + l_idx
         keys, inverse = torch.unique(group_key[live], return_inverse=True)
         summed = torch.zeros((len(keys), xs.shape[1]), dtype=xs.dtype, device=self.device)

@@ -187,7 +187,8 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
         if small:
             log(f"WARNING: class {j + 1} holds {sizes[j]} particles, below the minimum class size "
                 f"{opt.min_class_size}: its map over-fits noise; merge it or use fewer classes")
-    # the re-alignment goes on while poses change by over a step; said when cut short well before
+    # the re-alignment goes on while poses move by over a step until the iteration limit stops it;
+    # the user is told when they still moved by over twice the step
     unfinished = realignment_moving(state.history, 2 * opt.angular_step_deg)
     if unfinished is not None:
         log(f"WARNING: the class re-alignment ended at the iteration limit with poses still changing by "
