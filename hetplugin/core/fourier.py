@@ -22,6 +22,37 @@ def ifftn_centered(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
 
 
+def centred_dft_axis(x: torch.Tensor, dim: int, n: int, out_len: int, inverse: bool = False) -> torch.Tensor:
+    """Centred DFT of length ``n`` along ``dim``, input zero-padded to ``n`` and output cropped to
+    ``out_len``, without making the padded array: the forward transform of a real-space axis
+    (origin at len // 2) gives frequencies -out_len//2 .. out_len - out_len//2 - 1 (in 1/n units);
+    the inverse (scaled 1/n) takes centred frequencies to the central ``out_len`` samples.
+
+    With c = len // 2 the input's origin and b the centred output index, the sum is
+    exp(+-2 pi i c b / n) times the plain (inverse) FFT of the input padded at its end, at b mod n.
+    Slabs of an axis that is not transformed keep the length-n temporaries small.
+    """
+    dim = dim % x.dim()
+    real = x.real.dtype if x.is_complex() else x.dtype
+    cdtype = torch.complex64 if real == torch.float32 else torch.complex128
+    b = torch.arange(out_len, device=x.device) - out_len // 2
+    sign = -1.0 if inverse else 1.0
+    phase = torch.polar(torch.ones(out_len, dtype=torch.float64, device=x.device),
+                        (sign * 2.0 * math.pi * (x.shape[dim] // 2) / n) * b.to(torch.float64)).to(cdtype)
+    phase = phase.reshape([out_len if d == dim else 1 for d in range(x.dim())])
+    index = b % n
+    transform = torch.fft.ifft if inverse else torch.fft.fft
+    other = max((d for d in range(x.dim()) if d != dim), key=lambda d: x.shape[d])
+    out = torch.empty([out_len if d == dim else x.shape[d] for d in range(x.dim())], dtype=cdtype, device=x.device)
+    count = x.shape[other]
+    step = max(1, (1 << 22) // max(x.numel() // count * n // x.shape[dim], 1))
+    for start in range(0, count, step):
+        part = x.narrow(other, start, min(step, count - start))
+        out.narrow(other, start, part.shape[other]).copy_(transform(part, n=n, dim=dim).index_select(dim, index)
+                                                          * phase)
+    return out
+
+
 def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
     """Real images (..., D, D) -> half-plane transforms (..., D, D//2+1), ky centred at row D//2, kx = column."""
     return torch.fft.fftshift(torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))), dim=-2)
@@ -54,17 +85,8 @@ def half_plane_hermitian_weights(box: int) -> np.ndarray:
     return w
 
 
-def pad_volume(volume: torch.Tensor, padded_box: int) -> torch.Tensor:
-    """Zero-pad a cube (D, D, D) to (P, P, P), keeping the centre at index P // 2."""
-    box = volume.shape[-1]
-    start = padded_box // 2 - box // 2
-    out = volume.new_zeros(volume.shape[:-3] + (padded_box,) * 3)
-    out[..., start:start + box, start:start + box, start:start + box] = volume
-    return out
-
-
 def crop_volume(volume: torch.Tensor, box: int) -> torch.Tensor:
-    """Central (D, D, D) cube of a (P, P, P) volume (inverse of :func:`pad_volume`)."""
+    """Central (D, D, D) cube of a (P, P, P) volume (centre P // 2 kept at D // 2)."""
     padded = volume.shape[-1]
     start = padded // 2 - box // 2
     return volume[..., start:start + box, start:start + box, start:start + box]
@@ -82,16 +104,24 @@ def crop_images(images: torch.Tensor, box: int) -> torch.Tensor:
     return images[..., start:start + box, start:start + box]
 
 
-def radial_index(shape: tuple[int, ...]) -> np.ndarray:
-    """Integer radius (rounded) from the centre of a centred array of ``shape`` (2D or 3D, full grid)."""
-    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
-    return np.rint(np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))).astype(np.int64)
-
-
 def radius(shape: tuple[int, ...]) -> np.ndarray:
-    """Euclidean radius in pixels from the centre (index D // 2) of an array of ``shape``."""
-    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
-    return np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    """Euclidean radius in pixels from the centre (index D // 2) of an array of ``shape``.
+
+    Built from per-axis squares by broadcasting: the result is the only full-size array."""
+    r2 = np.zeros((1,) * len(shape))
+    for axis, n in enumerate(shape):
+        r2 = r2 + ((np.arange(n, dtype=np.float64) - n // 2) ** 2).reshape(
+            [n if a == axis else 1 for a in range(len(shape))])
+    return np.sqrt(r2, out=r2)
+
+
+def half_space_radius(box: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """|k| (index units) on the grid of ``torch.fft.rfftn`` of a (D, D, D) cube: (D, D, D//2+1), z and y
+    in FFT order (0, 1, .., -1), x from 0."""
+    f = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=device)
+    x = torch.arange(box // 2 + 1, dtype=torch.float64, device=device)
+    r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + x[None, None, :] ** 2
+    return r2.sqrt_().to(dtype)
 
 
 def shell_average(values: np.ndarray, shells: np.ndarray, n_shells: int, weights=None) -> np.ndarray:
@@ -112,10 +142,9 @@ def lowpass_volume(volume: torch.Tensor, resolution_A: float, pixel_size_A: floa
     if resolution_A <= 2 * pixel_size_A:
         return volume.clone()
     k_cut = box * pixel_size_A / resolution_A
-    r = torch.as_tensor(radius((box,) * 3), dtype=volume.dtype, device=volume.device)
-    filt = raised_cosine(r, k_cut, edge_width_shells)
-    ft = fftn_centered(volume, (-3, -2, -1)) * filt
-    return ifftn_centered(ft, (-3, -2, -1)).real.to(volume.dtype)
+    filt = raised_cosine(half_space_radius(box, volume.dtype, volume.device), k_cut, edge_width_shells)
+    ft = torch.fft.rfftn(volume, dim=(-3, -2, -1)) * filt
+    return torch.fft.irfftn(ft, s=(box,) * 3, dim=(-3, -2, -1)).to(volume.dtype)
 
 
 def raised_cosine(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:

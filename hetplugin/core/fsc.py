@@ -4,25 +4,32 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier import fftn_centered, radial_index
+from .fourier import half_plane_hermitian_weights, half_space_radius
 
 
 def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor) -> np.ndarray:
-    """FSC of two cubes (D, D, D) in integer shells 0 .. D//2 (index units)."""
+    """FSC of two cubes (D, D, D) in integer shells 0 .. D//2 (index units).
+
+    Sums run over the Hermitian half space of real transforms (x >= 0), each coefficient with the
+    weight of the conjugate it stands for, z-slab by z-slab: no full complex grid is made.
+    """
     a = torch.as_tensor(np.asarray(volume_a, dtype=np.float64))
     b = torch.as_tensor(np.asarray(volume_b, dtype=np.float64))
-    if a.shape != b.shape:
-        raise ValueError(f"FSC needs two volumes of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     box = a.shape[-1]
-    fa = fftn_centered(a, (-3, -2, -1)).numpy().ravel()
-    fb = fftn_centered(b, (-3, -2, -1)).numpy().ravel()
-    shells = radial_index(a.shape).ravel()
+    if a.shape != b.shape or a.shape != (box,) * 3:
+        raise ValueError(f"FSC needs two cubes of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    fa, fb = torch.fft.rfftn(a), torch.fft.rfftn(b)
     n = box // 2 + 1
-    keep = shells < n
-    s = shells[keep]
-    cross = np.bincount(s, weights=(fa * fb.conj()).real[keep], minlength=n)
-    pa = np.bincount(s, weights=(np.abs(fa) ** 2)[keep], minlength=n)
-    pb = np.bincount(s, weights=(np.abs(fb) ** 2)[keep], minlength=n)
+    radius = half_space_radius(box)
+    weight = torch.as_tensor(half_plane_hermitian_weights(box)[0])
+    sums = torch.zeros((3, n + 1), dtype=torch.float64)  # cross, power a, power b; shells beyond D//2 in bin n
+    step = max(1, (1 << 18) // (box * weight.numel()))
+    for z0 in range(0, box, step):
+        shell = torch.round(radius[z0:z0 + step]).long().clamp_(max=n).reshape(-1)
+        ca, cb = fa[z0:z0 + step], fb[z0:z0 + step]
+        for row, v in zip(sums, (ca.real * cb.real + ca.imag * cb.imag, ca.abs() ** 2, cb.abs() ** 2)):
+            row.index_add_(0, shell, (v * weight).reshape(-1))
+    cross, pa, pb = sums[:, :n].numpy()
     return cross / np.sqrt(np.maximum(pa * pb, 1e-300))
 
 

@@ -31,7 +31,7 @@ import torch
 
 from .dataset import ParticleDataset
 from .fit import fit_rotation, rotate_volume
-from .fourier import crop_ft_grid, half_plane_coords, lowpass_volume, shift_phase
+from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
 from .masks import spherical_mask
 from .poses import global_grid, local_grid, shift_grid
@@ -273,9 +273,8 @@ class MulticlassRefiner:
             # each half-set is scored against the maps of the other half (no particle sees its own noise)
             refs = [self._lowpassed(state.references[j % len(state.references)]) for j in range(k_cls)] \
                 if first_realign else state.half_maps[2 - half]
-            vol_ft = [slice_grid(crop_ft_grid(prepare_volume(
-                torch.as_tensor(refs[j], dtype=self.dtype, device=self.device), pad), pad * grid_box))
-                for j in range(k_act)]
+            vol_ft = [slice_grid(prepare_volume(torch.as_tensor(refs[j], dtype=self.dtype, device=self.device),
+                                                pad, pad * grid_box)) for j in range(k_act)]
             proj_c = None
             if global_search:
                 rot_c = torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier import (crop_volume, fftn_centered, half_plane_coords, ifftn_centered, irfft2_centered,
-                      pad_volume, shift_phase)
+from .fourier import centred_dft_axis, half_plane_coords, irfft2_centered, shift_phase
 
 
 def gridding_correction(box: int, pad: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -24,44 +23,26 @@ def gridding_correction(box: int, pad: int, device=None, dtype=torch.float32) ->
     return (s[:, None, None] * s[None, :, None] * s[None, None, :]).to(device=device, dtype=dtype)
 
 
-def prepare_volume(volume: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """Real cube (D, D, D) -> padded centred transform (P, P, P) ready for slicing."""
+def prepare_volume(volume: torch.Tensor, pad: int = 2, size: int | None = None) -> torch.Tensor:
+    """Real cube (D, D, D) -> padded centred transform (P, P, P) ready for slicing, or its central
+    (size, size, size) part (the low frequencies up to size / (2 pad) in D-box index units).
+
+    The transform goes one axis at a time, each zero-padded to P by the FFT and cropped to
+    ``size`` at once, over slabs of the other axes: no (P, P, P) array is made unless it is the
+    result. A padded grid of a 256-px map takes 1 GB as complex64, and the E-step needs only
+    the frequencies below its resolution limit.
+    """
     box = volume.shape[-1]
     if volume.shape[-3:] != (box, box, box):
         raise ValueError(f"volume must be a cube, got shape {tuple(volume.shape)}")
-    corrected = volume / gridding_correction(box, pad, volume.device, volume.dtype)
-    return fftn_centered(pad_volume(corrected, pad * box), (-3, -2, -1))
-
-
-def volume_from_ft(volume_ft: torch.Tensor, box: int, pad: int = 2) -> torch.Tensor:
-    """Padded centred transform (P, P, P) -> real cube (D, D, D), undoing the gridding correction."""
-    size = volume_ft.shape[-1]
-    if size % 2 or volume_ft.shape[-3:] != (size,) * 3:
-        real = ifftn_centered(volume_ft, (-3, -2, -1)).real
-        return crop_volume(real, box) / gridding_correction(box, pad, real.device, real.dtype)
-    # even P: fftshift(ifftn(ifftshift(X)))[n] = (-1)^(n+P/2) ifftn(X (-1)^k)[n] per axis,
-    # so two checkerboard sign flips replace both shifts (exact: only signs change)
-    sign = (-1.0) ** (3 * (size // 2) % 2)
-    modulated = volume_ft * _checkerboard(size, volume_ft.device, volume_ft.real.dtype)
-    return _crop_real_centered(torch.fft.ifftn(modulated, dim=(-3, -2, -1)), box, pad, sign)
-
-
-def _checkerboard(size: int, device, dtype, start: int = 0) -> torch.Tensor:
-    """(-1)^(i+j+k) over indices start..start+size-1 on each axis, shape (size, size, size)."""
-    s = 1.0 - 2.0 * ((torch.arange(size, device=device) + start) % 2).to(dtype)
-    return s[:, None, None] * s[None, :, None] * s[None, None, :]
-
-
-def _crop_real_centered(raw: torch.Tensor, box: int, pad: int, sign: float = 1.0) -> torch.Tensor:
-    """Real central (D, D, D) of ``raw`` = ifftn(X (-1)^(i+j+k)) times sign * (-1)^(n1+n2+n3), divided by the
-    gridding correction: with sign = (-1)^(3P/2), ``crop_volume(ifftn_centered(X).real, box) / gc``."""
-    size = raw.shape[-1]
-    start = size // 2 - box // 2
-    real = raw.real[..., start:start + box, start:start + box, start:start + box]
-    flip = _checkerboard(box, real.device, real.dtype, start)
-    if sign < 0:
-        flip = flip.neg_()
-    return real * flip / gridding_correction(box, pad, real.device, real.dtype)
+    padded = pad * box
+    size = padded if size is None else int(size)
+    if not 0 < size <= padded:
+        raise ValueError(f"grid size {size} must be in 1..{padded}")
+    out = volume / gridding_correction(box, pad, volume.device, volume.dtype)
+    for dim in (-1, -2, -3):
+        out = centred_dft_axis(out, dim, padded, size)
+    return out
 
 
 def frequency_mask(box: int, r_max: float | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .fourier import half_plane_coords
+from .fourier import centred_dft_axis, half_plane_coords
 from .projection import PROJECT_CHUNK_POINTS, frequency_mask, gridding_correction
 
 
@@ -200,25 +200,22 @@ def _half_grid(full: torch.Tensor) -> torch.Tensor:
 
 
 def _half_grid_to_map(data: torch.Tensor, box: int, pad: int) -> torch.Tensor:
-    """Real (D, D, D) map from a Hermitian half-space transform (P, P, P/2+1) (z, y centred, x from
-    0) of the padded map, undoing the gridding correction.
+    """Real (D, D, D) map from a Hermitian half-space transform (S, S, S/2+1) (z, y centred, x from
+    0) of the padded map (box N = pad * D; S <= N when the grid was cropped), undoing the gridding
+    correction.
 
-    The grid is zero-padded to the map's padded box N = pad * D and transformed back with a real
-    inverse FFT, z and y left centred: that multiplies the output by (-1)^(z+y), and the
-    central (D, D, D) is gathered from the FFT-ordered output with that sign undone.
+    z and y go back with centred inverse DFTs of length N that keep only the central D samples,
+    then x with a real inverse FFT of length N (as irfftn would): no (N, N, N) array is made.
     """
-    size, n = data.shape[0], pad * box
-    if size != n:
-        padded = data.new_zeros((n, n, n // 2 + 1))
-        s = n // 2 - size // 2
-        padded[s:s + size, s:s + size, :size // 2 + 1] = data
-        data = padded
-    raw = torch.fft.irfftn(data, s=(n, n, n), dim=(-3, -2, -1))
-    centred = torch.arange(box, device=data.device) - box // 2
-    at = centred % n
-    vol = raw.index_select(0, at).index_select(1, at).index_select(2, at)
-    sign = 1.0 - 2.0 * (centred % 2).to(vol.dtype)
-    return vol * (sign[:, None, None] * sign[None, :, None]) / gridding_correction(box, pad, vol.device, vol.dtype)
+    n = pad * box
+    vol = centred_dft_axis(data, -3, n, box, inverse=True)
+    vol = centred_dft_axis(vol, -2, n, box, inverse=True)
+    at = (torch.arange(box, device=data.device) - box // 2) % n
+    real = torch.empty((box, box, box), dtype=vol.real.dtype, device=data.device)
+    step = max(1, (1 << 22) // (box * n))
+    for z0 in range(0, box, step):
+        real[z0:z0 + step] = torch.fft.irfft(vol[z0:z0 + step], n=n, dim=-1).index_select(-1, at)
+    return real / gridding_correction(box, pad, real.device, real.dtype)
 
 
 @lru_cache(maxsize=8)

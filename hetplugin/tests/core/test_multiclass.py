@@ -167,7 +167,7 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
     disagreement in the first shells (a handful of coefficients) or in one shell must not reset
     it to the initial resolution (it did in the README demo: 28.7 A final maps)."""
     import torch
-    from hetplugin.core.fourier import fftn_centered, ifftn_centered, radial_index
+    from hetplugin.core.fourier import fftn_centered, ifftn_centered, radius
     from hetplugin.core.masks import spherical_mask
     from hetplugin.core.multiclass import MulticlassRefiner
 
@@ -176,7 +176,7 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
     blob = np.real(ifftn_centered(torch.as_tensor(rng.normal(size=(box,) * 3) + 0j), (-3, -2, -1)).numpy())
     deviation = blob * spherical_mask(box, 10, edge_px=3)
     dev_ft = fftn_centered(torch.as_tensor(deviation + 0j), (-3, -2, -1)).numpy()
-    shell = radial_index((box,) * 3)
+    shell = np.rint(radius((box,) * 3)).astype(np.int64)
     flipped = np.where((shell <= 1) | (shell == 6), -dev_ft, dev_ft)     # halves disagree at shells 0, 1 and 6
     other = np.real(ifftn_centered(torch.as_tensor(flipped), (-3, -2, -1)).numpy())
     raw = [[deviation, other], [-deviation, -other]]

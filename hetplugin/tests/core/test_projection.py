@@ -5,9 +5,10 @@ import numpy as np
 import torch
 
 from hetplugin.core.ctf import CTFParams, ctf_values, electron_wavelength_A
-from hetplugin.core.fourier import half_plane_coords, rfft2_centered, shift_phase
+from hetplugin.core.fourier import crop_volume, fftn_centered, half_plane_coords, rfft2_centered, shift_phase
 from hetplugin.core.masks import spherical_mask
-from hetplugin.core.projection import backproject_ft, frequency_mask, prepare_volume, project_ft, project_images
+from hetplugin.core.projection import (backproject_ft, frequency_mask, gridding_correction, prepare_volume,
+                                       project_ft, project_images)
 from hetplugin.core.reconstruct import Backprojector
 from hetplugin.core.rotations import euler_to_matrix, random_rotations
 from hetplugin.core.simulate import make_class_volumes
@@ -141,11 +142,54 @@ def test_noise_free_reconstruction_matches_truth():
     assert abs((rec[m] * vol[m]).sum() / (vol[m] ** 2).sum() - 1) < 0.05
 
 
+def test_prepare_volume_equals_the_cropped_transform_of_the_padded_volume():
+    """The axis-by-axis transform (padding and cropping per axis) is the whole padded 3D
+    transform's centre, for even and odd boxes, pads 2 and 3, full and cropped sizes."""
+    gen = torch.Generator().manual_seed(3)
+    for box, pad in ((24, 2), (25, 2), (16, 3)):
+        vol = torch.randn(box, box, box, dtype=torch.float64, generator=gen)
+        padded = pad * box
+        start = padded // 2 - box // 2
+        full = torch.zeros((padded,) * 3, dtype=torch.float64)
+        full[start:start + box, start:start + box, start:start + box] = vol / gridding_correction(
+            box, pad, dtype=torch.float64)
+        truth = fftn_centered(full, (-3, -2, -1))
+        for size in (padded, padded - 7, 2 * (box // 4) + 2, 9):
+            got = prepare_volume(vol, pad, size)
+            assert got.shape == (size,) * 3
+            assert torch.allclose(got, crop_volume(truth, size), atol=1e-10 * truth.abs().max()), (box, pad, size)
+
+
+def test_map_from_a_cropped_half_grid_equals_the_padded_inverse_transform():
+    """The axis-by-axis inverse equals zero-padding the cropped half grid to (N, N, N/2+1) and
+    irfftn, with the centred z and y undone by the (-1)^(z+y) sign of the shifted origin."""
+    from hetplugin.core.reconstruct import _half_grid_to_map
+    gen = torch.Generator().manual_seed(5)
+    box, pad = 20, 2
+    n = pad * box
+    for size in (n, 30, 28, 14):
+        data = torch.randn((size, size, size // 2 + 1), dtype=torch.complex128, generator=gen)
+        padded = torch.zeros((n, n, n // 2 + 1), dtype=torch.complex128)
+        s = n // 2 - size // 2
+        padded[s:s + size, s:s + size, :size // 2 + 1] = data
+        raw = torch.fft.irfftn(padded, s=(n, n, n))
+        centred = torch.arange(box) - box // 2
+        at = centred % n
+        sign = (1.0 - 2.0 * (centred % 2)).to(torch.float64)
+        truth = raw[at][:, at][:, :, at] * sign[:, None, None] * sign[None, :, None]
+        truth = truth / gridding_correction(box, pad, dtype=torch.float64)
+        got = _half_grid_to_map(data, box, pad)
+        assert torch.allclose(got, truth, atol=1e-12 * truth.abs().max()), size
+
+
 def test_prepare_volume_round_trip():
-    from hetplugin.core.projection import gridding_correction, volume_from_ft
+    from hetplugin.core.reconstruct import _half_grid_to_map
     vol = torch.as_tensor(make_class_volumes(24, 1, seed=1)[0], dtype=torch.float64)
-    # prepare divides by the gridding factor, volume_from_ft divides again (it undoes the
+    full = prepare_volume(vol)
+    # the half space x >= 0 of the centred (48, 48, 48) grid: kx = 0..23, then kx = 24 (= -24)
+    half = torch.cat([full[..., 24:], full[..., :1]], -1)
+    # prepare divides by the gridding factor, the map from the grid divides again (it undoes the
     # interpolation blur of a reconstruction): the round trip differs by that factor squared
-    back = volume_from_ft(prepare_volume(vol), 24) * gridding_correction(24, 2, dtype=torch.float64) ** 2
+    back = _half_grid_to_map(half, 24, 2) * gridding_correction(24, 2, dtype=torch.float64) ** 2
     assert torch.allclose(back, vol, atol=1e-9)
     assert frequency_mask(24).sum() == (np.hypot(*half_plane_coords(24).reshape(-1, 2).T) <= 11).sum()
