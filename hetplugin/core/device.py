@@ -1,6 +1,9 @@
 """The one place where the compute device and default dtype are resolved."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 
 import torch
@@ -34,3 +37,26 @@ def set_threads(n_threads: int | None) -> None:
     """Limit torch's intra-op CPU threads (the protocol's numberOfThreads)."""
     if n_threads is not None and n_threads > 0:
         torch.set_num_threads(int(n_threads))
+
+
+def release_memory() -> None:
+    """Hand the heap memory of freed temporaries back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere).
+
+    glibc keeps freed blocks below its mmap threshold (which grows to 32 MB as large blocks are
+    freed) for reuse. After an E-step that is hundreds of MB the process no longer uses (measured
+    at box 128: 840 MB held, 340 MB live), on top of which the next phase's own peak would come.
+    Called between phases (a few times an iteration): one call takes milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -4,33 +4,49 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier import half_plane_hermitian_weights, half_space_radius
+from .fourier import half_plane_hermitian_weights
 
 
 def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor) -> np.ndarray:
     """FSC of two cubes (D, D, D) in integer shells 0 .. D//2 (index units).
 
     Sums run over the Hermitian half space of real transforms (x >= 0), each coefficient with the
-    weight of the conjugate it stands for, z-slab by z-slab: no full complex grid is made.
+    weight of the conjugate it stands for, z-slab by z-slab. The transforms are float64 whatever
+    the input's type, made slab by slab (:func:`_half_transform`): two complex half-space grids
+    are the only full-size arrays.
     """
-    a = torch.as_tensor(np.asarray(volume_a, dtype=np.float64))
-    b = torch.as_tensor(np.asarray(volume_b, dtype=np.float64))
+    a, b = torch.as_tensor(np.asarray(volume_a)), torch.as_tensor(np.asarray(volume_b))
     box = a.shape[-1]
     if a.shape != b.shape or a.shape != (box,) * 3:
         raise ValueError(f"FSC needs two cubes of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    fa, fb = torch.fft.rfftn(a), torch.fft.rfftn(b)
+    fa, fb = _half_transform(a), _half_transform(b)
     n = box // 2 + 1
-    radius = half_space_radius(box)
+    freq = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+    yx2 = freq[:, None] ** 2 + torch.arange(fa.shape[-1], dtype=torch.float64)[None, :] ** 2
     weight = torch.as_tensor(half_plane_hermitian_weights(box)[0])
     sums = torch.zeros((3, n + 1), dtype=torch.float64)  # cross, power a, power b; shells beyond D//2 in bin n
     step = max(1, (1 << 18) // (box * weight.numel()))
     for z0 in range(0, box, step):
-        shell = torch.round(radius[z0:z0 + step]).long().clamp_(max=n).reshape(-1)
+        r2 = freq[z0:z0 + step, None, None] ** 2 + yx2
+        shell = torch.round(r2.sqrt_()).long().clamp_(max=n).reshape(-1)
         ca, cb = fa[z0:z0 + step], fb[z0:z0 + step]
         for row, v in zip(sums, (ca.real * cb.real + ca.imag * cb.imag, ca.abs() ** 2, cb.abs() ** 2)):
             row.index_add_(0, shell, (v * weight).reshape(-1))
     cross, pa, pb = sums[:, :n].numpy()
     return cross / np.sqrt(np.maximum(pa * pb, 1e-300))
+
+
+def _half_transform(volume: torch.Tensor) -> torch.Tensor:
+    """``torch.fft.rfftn`` of a real cube in float64, (D, D, D//2+1) complex128, without a float64
+    copy of the input: 2D transforms of z-slabs, then the z transform in y-slabs, in place."""
+    box = volume.shape[-1]
+    out = torch.empty((box, box, box // 2 + 1), dtype=torch.complex128)
+    step = max(1, (1 << 20) // (box * box))
+    for z0 in range(0, box, step):
+        out[z0:z0 + step] = torch.fft.rfft2(volume[z0:z0 + step].to(torch.float64))
+    for y0 in range(0, box, step):
+        out[:, y0:y0 + step] = torch.fft.fft(out[:, y0:y0 + step], dim=0)
+    return out
 
 
 def shell_to_resolution_A(shell: float, box: int, pixel_size_A: float) -> float:

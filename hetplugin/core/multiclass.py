@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .dataset import ParticleDataset
+from .device import release_memory
 from .fit import fit_rotation, rotate_volume
 from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
@@ -186,7 +187,7 @@ class MulticlassRefiner:
         n_shells = self.box // 2 + 1
         num = torch.zeros(n_shells, dtype=torch.float64)
         den = torch.zeros(n_shells, dtype=torch.float64)
-        for batch in self.ds.batches(256, np.sort(rows)):
+        for batch in self.ds.batches(64, np.sort(rows)):
             power = (self.ds.images_ft(batch, sel, k, centre=False).abs() ** 2).to(torch.float64).cpu()
             num.index_add_(0, shells, power.sum(0))
             den.index_add_(0, shells, torch.full((len(k),), float(len(batch)), dtype=torch.float64))
@@ -269,8 +270,11 @@ class MulticlassRefiner:
         # class's own global search missed: half the coarse poses are kept (8 of its 25 s saved)
         n_top = max(1, opt.top_poses // 2) if after_realign else opt.top_poses
         batch = self._batch_size(len(groups[0]), global_search, len(coords), n_top)
-        for half in (1, 2):
-            # each half-set is scored against the maps of the other half (no particle sees its own noise)
+
+        def expect(half: int) -> None:
+            # each half-set is scored against the maps of the other half (no particle sees its own
+            # noise); its references and batch tensors live in this scope only, so that they are
+            # freed before the M-step instead of adding to its peak
             refs = [self._lowpassed(state.references[j % len(state.references)]) for j in range(k_cls)] \
                 if first_realign else state.half_maps[2 - half]
             vol_ft = [slice_grid(prepare_volume(torch.as_tensor(refs[j], dtype=self.dtype, device=self.device),
@@ -307,7 +311,13 @@ class MulticlassRefiner:
                                             None if forced is None else forced[rows], temperature)
                     self._accumulate(res, x, ctf, weight, coords, rows, [bps[j] for j in cls], new, shells, herm,
                                      s2_num, s2_den, cls)
-        return self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, stage)
+
+        for half in (1, 2):
+            expect(half)
+            release_memory()
+        state = self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, stage)
+        release_memory()
+        return state
 
     def anneal_end(self, state: MulticlassState) -> int:
         """Last iteration of the annealed classification."""
