@@ -115,12 +115,13 @@ def radius(shape: tuple[int, ...]) -> np.ndarray:
     return np.sqrt(r2, out=r2)
 
 
-def half_space_radius(box: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+def half_space_radius(box: int, dtype: torch.dtype = torch.float64, device=None,
+                      z: slice = slice(None)) -> torch.Tensor:
     """|k| (index units) on the grid of ``torch.fft.rfftn`` of a (D, D, D) cube: (D, D, D//2+1), z and y
-    in FFT order (0, 1, .., -1), x from 0."""
+    in FFT order (0, 1, .., -1), x from 0; only the z-planes ``z`` when given (a slab)."""
     f = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64, device=device)
     x = torch.arange(box // 2 + 1, dtype=torch.float64, device=device)
-    r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + x[None, None, :] ** 2
+    r2 = f[z, None, None] ** 2 + f[None, :, None] ** 2 + x[None, None, :] ** 2
     return r2.sqrt_().to(dtype)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier import half_plane_hermitian_weights
+from .fourier import half_plane_hermitian_weights, half_space_radius
 
 
 def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -21,14 +21,11 @@ def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor
         raise ValueError(f"FSC needs two cubes of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     fa, fb = _half_transform(a), _half_transform(b)
     n = box // 2 + 1
-    freq = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-    yx2 = freq[:, None] ** 2 + torch.arange(fa.shape[-1], dtype=torch.float64)[None, :] ** 2
     weight = torch.as_tensor(half_plane_hermitian_weights(box)[0])
     sums = torch.zeros((3, n + 1), dtype=torch.float64)  # cross, power a, power b; shells beyond D//2 in bin n
     step = max(1, (1 << 18) // (box * weight.numel()))
     for z0 in range(0, box, step):
-        r2 = freq[z0:z0 + step, None, None] ** 2 + yx2
-        shell = torch.round(r2.sqrt_()).long().clamp_(max=n).reshape(-1)
+        shell = torch.round(half_space_radius(box, z=slice(z0, z0 + step))).long().clamp_(max=n).reshape(-1)
         ca, cb = fa[z0:z0 + step], fb[z0:z0 + step]
         for row, v in zip(sums, (ca.real * cb.real + ca.imag * cb.imag, ca.abs() ** 2, cb.abs() ** 2)):
             row.index_add_(0, shell, (v * weight).reshape(-1))
