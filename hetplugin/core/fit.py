@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fourier import crop_ft_grid, fftn_centered, ifftn_centered, lowpass_volume
+from .fourier import lowpass_volume
 from .poses import local_grid
 
 
@@ -26,27 +26,35 @@ def rotate_volume(volume: torch.Tensor, rotations: torch.Tensor, chunk: int = 8)
     the turned map at pose R @ rotations[n].T."""
     d = volume.shape[-1]
     ax = torch.arange(d, dtype=volume.dtype, device=volume.device) - d // 2
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    points = torch.stack([x, y, z], -1).reshape(-1, 3)
     rot = torch.as_tensor(rotations, dtype=volume.dtype, device=volume.device).reshape(-1, 3, 3)
     out = torch.empty((len(rot), d, d, d), dtype=volume.dtype, device=volume.device)
-    for start in range(0, len(rot), chunk):
-        r = rot[start:start + chunk]
-        grid = points[None].expand(len(r), -1, -1).bmm(r)     # rows x^T R = (R^T x)^T
-        grid.add_(d // 2).mul_(2.0 / (d - 1)).sub_(1.0)
-        grid = grid.reshape(len(r), d, d, d, 3)
-        out[start:start + chunk] = F.grid_sample(volume[None, None].expand(len(r), 1, d, d, d), grid,
-                                                 mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+    # z-slabs of ~2^18 voxels: the sampling grid of a whole 256-px map would take 200 MB a turn
+    slab = max(1, (1 << 18) // (d * d))
+    for z0 in range(0, d, slab):
+        z, y, x = torch.meshgrid(ax[z0:z0 + slab], ax, ax, indexing="ij")
+        points = torch.stack([x, y, z], -1).reshape(-1, 3)
+        for start in range(0, len(rot), chunk):
+            r = rot[start:start + chunk]
+            grid = points[None].expand(len(r), -1, -1).bmm(r)     # rows x^T R = (R^T x)^T
+            grid.add_(d // 2).mul_(2.0 / (d - 1)).sub_(1.0)
+            grid = grid.reshape(len(r), z.shape[0], d, d, 3)
+            out[start:start + chunk, z0:z0 + slab] = F.grid_sample(
+                volume[None, None].expand(len(r), 1, d, d, d), grid, mode="bilinear", padding_mode="zeros",
+                align_corners=True)[:, 0]
     return out
 
 
 def _downsample(volume: torch.Tensor, size: int) -> torch.Tensor:
-    """Fourier crop of a (D, D, D) map to (size, size, size), centre D//2 -> size//2."""
+    """Fourier crop of a (D, D, D) map to (size, size, size) (even), centre D//2 -> size//2, through
+    its real (half-space) transform."""
     d = volume.shape[-1]
     if size >= d:
         return volume
-    ft = crop_ft_grid(fftn_centered(volume.to(torch.complex128), (-3, -2, -1)), size)
-    return ifftn_centered(ft, (-3, -2, -1)).real.to(volume.dtype) * (size / d) ** 3
+    ft = torch.fft.rfftn(torch.fft.ifftshift(volume, dim=(-3, -2, -1)), dim=(-3, -2, -1))
+    keep = (torch.fft.fftfreq(size, 1.0 / size, device=volume.device).round().long()) % d  # transform order
+    ft = ft.index_select(0, keep).index_select(1, keep)[..., :size // 2 + 1]
+    small = torch.fft.irfftn(ft, s=(size,) * 3, dim=(-3, -2, -1))
+    return torch.fft.fftshift(small, dim=(-3, -2, -1)).to(volume.dtype) * (size / d) ** 3
 
 
 def _scores(moving: torch.Tensor, fixed: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:

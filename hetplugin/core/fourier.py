@@ -11,6 +11,11 @@ import math
 import numpy as np
 import torch
 
+# elements per slab where whole grids go through in slabs: each slab's temporaries (a complex
+# transform and its index and phase products, or int64 radius tables) stay at a few MB, which the
+# allocator keeps for reuse however large the grid
+SLAB_ELEMENTS = 1 << 20
+
 
 def fftn_centered(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Complex transform of ``x`` over ``dims`` with both origins at the array centre."""
@@ -45,7 +50,7 @@ def centred_dft_axis(x: torch.Tensor, dim: int, n: int, out_len: int, inverse: b
     other = max((d for d in range(x.dim()) if d != dim), key=lambda d: x.shape[d])
     out = torch.empty([out_len if d == dim else x.shape[d] for d in range(x.dim())], dtype=cdtype, device=x.device)
     count = x.shape[other]
-    step = max(1, (1 << 22) // max(x.numel() // count * n // x.shape[dim], 1))
+    step = max(1, SLAB_ELEMENTS // max(x.numel() // count * n // x.shape[dim], 1))
     for start in range(0, count, step):
         part = x.narrow(other, start, min(step, count - start))
         out.narrow(other, start, part.shape[other]).copy_(transform(part, n=n, dim=dim).index_select(dim, index)
@@ -90,11 +95,6 @@ def crop_volume(volume: torch.Tensor, box: int) -> torch.Tensor:
     padded = volume.shape[-1]
     start = padded // 2 - box // 2
     return volume[..., start:start + box, start:start + box, start:start + box]
-
-
-def crop_ft_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
-    """Central (size, size, size) part of a centred transform grid (low frequencies), a view."""
-    return crop_volume(grid, size)
 
 
 def crop_images(images: torch.Tensor, box: int) -> torch.Tensor:

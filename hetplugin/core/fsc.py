@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier import half_plane_hermitian_weights, half_space_radius
+from .fourier import SLAB_ELEMENTS, half_plane_hermitian_weights, half_space_radius
 
 
 def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -38,7 +38,7 @@ def _half_transform(volume: torch.Tensor) -> torch.Tensor:
     copy of the input: 2D transforms of z-slabs, then the z transform in y-slabs, in place."""
     box = volume.shape[-1]
     out = torch.empty((box, box, box // 2 + 1), dtype=torch.complex128)
-    step = max(1, (1 << 20) // (box * box))
+    step = max(1, SLAB_ELEMENTS // (box * box))
     for z0 in range(0, box, step):
         out[z0:z0 + step] = torch.fft.rfft2(volume[z0:z0 + step].to(torch.float64))
     for y0 in range(0, box, step):

@@ -36,7 +36,7 @@ from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
 from .masks import spherical_mask
 from .poses import global_grid, local_grid, shift_grid
-from .projection import frequency_mask, prepare_volume, project_ft, slice_grid
+from .projection import frequency_mask, prepare_volume, project_ft, project_real, slice_grid
 from .reconstruct import Backprojector
 from .rotations import angular_distance_deg
 from .search import TopK, as_real, quadratic_weights, scores_per_image, scores_shared, weighted_images
@@ -278,7 +278,7 @@ class MulticlassRefiner:
             refs = [self._lowpassed(state.references[j % len(state.references)]) for j in range(k_cls)] \
                 if first_realign else state.half_maps[2 - half]
             vol_ft = [slice_grid(prepare_volume(torch.as_tensor(refs[j], dtype=self.dtype, device=self.device),
-                                                pad, pad * grid_box)) for j in range(k_act)]
+                                                pad, pad * grid_box, half=True)) for j in range(k_act)]
             proj_c = None
             if global_search:
                 rot_c = torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)
@@ -311,6 +311,7 @@ class MulticlassRefiner:
                                             None if forced is None else forced[rows], temperature)
                     self._accumulate(res, x, ctf, weight, coords, rows, [bps[j] for j in cls], new, shells, herm,
                                      s2_num, s2_den, cls)
+                    del res  # the batch's projections are freed before the next batch makes its own
 
         for half in (1, 2):
             expect(half)
@@ -389,7 +390,7 @@ class MulticlassRefiner:
         shape = origins.shape[:-1]
         o = origins.reshape(-1, 2)
         ph = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(*shape, -1)
-        return x.reshape(x.shape[0], *([1] * (len(shape) - 1)), -1) * ph
+        return ph.mul_(x.reshape(x.shape[0], *([1] * (len(shape) - 1)), -1))
 
     def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile, shifts, n_top):
         """Best ``n_top`` (rotation, origin) per image and class on the coarse global grid."""
@@ -443,18 +444,24 @@ class MulticlassRefiner:
         n_rot, n_sh = len(d_rot), len(shifts)
         rots = centres_rot[:, :, :, None] @ dr  # (B, K, T, L, 3, 3)
         orgs = self._origins(centres_org, shifts)  # (B, K, T, S, 2)
-        xs = self._shifted(x, orgs, coords)  # (B, K, T, S, M)
-        a = as_real(weighted_images(xs.reshape(b, -1, xs.shape[-1]), ctf, weight))
-        a = a.reshape(b * k_cls * t, n_sh, -1)
         m = coords.shape[0]
-        projs = torch.empty((b, k_cls, t, n_rot, m), dtype=torch.complex64 if self.dtype == torch.float32
-                            else torch.complex128, device=self.device)
+        # scoring groups run class-major (class, image, centre): each class's projections are
+        # written straight into one real [Re, Im] tensor, with no complex or per-class copies
+        o = orgs.transpose(0, 1).reshape(-1, 2)
+        xs = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(k_cls, b, t * n_sh, m)
+        xs.mul_(x[None, :, None, :])
+        xs.mul_(weight if ctf is None else (ctf * weight)[None, :, None, :])
+        a = as_real(xs).reshape(k_cls * b * t, n_sh, 2 * m)
+        del xs
+        projs = torch.empty((k_cls, b * t * n_rot, 2, m), dtype=self.dtype, device=self.device)
         for j in range(k_cls):
-            projs[:, j] = project_ft(vol_ft[j], rots[:, j].reshape(-1, 3, 3), coords).reshape(b, t, n_rot, m)
-        pr = as_real(projs).reshape(b * k_cls * t, n_rot, 2 * m)
-        pw = (projs.abs() ** 2).reshape(b * k_cls * t, n_rot, m)
-        qg = q[:, None, :].expand(b, k_cls * t, m).reshape(-1, m)
-        s = scores_per_image(a, qg, pr, pw, profile).reshape(b, k_cls, t, n_sh, n_rot)
+            project_real(vol_ft[j], rots[:, j].reshape(-1, 3, 3), coords, out=projs[j])
+        pw = projs[:, :, 0].square()
+        pw.addcmul_(projs[:, :, 1], projs[:, :, 1])
+        qg = q[None, :, None, :].expand(k_cls, b, t, m).reshape(-1, m)
+        s = scores_per_image(a, qg, projs.view(k_cls * b * t, n_rot, 2 * m), pw.view(k_cls * b * t, n_rot, m),
+                             profile).reshape(k_cls, b, t, n_sh, n_rot).transpose(0, 1)  # (B, K, T, S, L)
+        del a, pw
         if rot_prior is not None:
             s = s + rot_prior
         s = s + log_prior[None, :, None, None, None]
@@ -469,8 +476,8 @@ class MulticlassRefiner:
         # joint posterior = p(class) (annealed) x p(pose, shift | class)
         logits = (flat - evidence[:, :, None] + class_logp[:, :, None]).reshape(b, -1)
         post = torch.exp(logits)
-        return dict(post=post, evidence=evidence, total=total, rots=rots, orgs=orgs, projs=projs,
-                    shape=(k_cls, t, n_sh, n_rot))
+        return dict(post=post, evidence=evidence, total=total, rots=rots, orgs=orgs,
+                    projs=projs.view(k_cls, b, t, n_rot, 2, m), shape=(k_cls, t, n_sh, n_rot))
 
     # ------------------------------------------------------------------ M-step pieces
     def _accumulate(self, res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den, cls):
@@ -515,7 +522,8 @@ class MulticlassRefiner:
         ll = res["total"] - 0.5 * ((x.abs() ** 2) * weight).sum(1) - norm
         new["ll"][rows_np] = ll.double().cpu().numpy()
         # residual power at the best pose, for the noise spectrum
-        best_proj = res["projs"][torch.arange(b), best_j, t_idx[:, 0], l_idx[:, 0]]
+        best_proj = res["projs"][best_j, torch.arange(b), t_idx[:, 0], l_idx[:, 0]]  # (B, 2, M)
+        best_proj = torch.complex(best_proj[:, 0], best_proj[:, 1])
         xb = self._shifted(x, best_org[:, None, :], coords)[:, 0]
         model = best_proj if ctf is None else best_proj * ctf
         scale = ((xb * model.conj()).real * herm).sum(1) / ((model.abs() ** 2) * herm).sum(1).clamp(min=1e-20)
@@ -550,36 +558,46 @@ class MulticlassRefiner:
                                      g_weight[m_sel], coords)
 
     def _maximise(self, state, bps, new, s2_num, s2_den, r_cur, it, t0, stage) -> MulticlassState:
+        """M-step. ``bps`` (the E-step's list of per-class half-set accumulators) is consumed: each
+        class's accumulators are dropped from it once its maps are made."""
         opt, k_cls = self.opt, len(bps)
         aligning = stage == "alignment"
-        maps, curves, res_A, half_maps = [], [], [], ([], [])
-        shells_05 = []
+        # unfiltered half maps: they match the halves' classes and give the FSCs and the class-
+        # difference limit, and are dropped before the filtered maps are made
         raw = [[bp.reconstruct(symmetry=self.sym).cpu().numpy() for bp in bps[j]] for j in range(k_cls)]
         if k_cls > 1 and stage != "class alignment":
             # half 1 was scored against half 2's maps and vice versa: bring half 1's classes
             # into half 2's order so that the halves (and the particles' labels) agree
-            perm = match_classes([r[0] * self.fsc_mask for r in raw], [r[1] * self.fsc_mask for r in raw])
-            bps = [[bps[perm[j]][0], bps[j][1]] for j in range(k_cls)]
+            perm = match_classes([r[0] for r in raw], [r[1] for r in raw], self.fsc_mask)
+            bps[:] = [[bps[perm[j]][0], bps[j][1]] for j in range(k_cls)]
             raw = [[raw[perm[j]][0], raw[j][1]] for j in range(k_cls)]
             rows1 = self.halves == 1
             inverse = np.argsort(perm)
             for key in ("post", "evid"):
                 new[key][rows1] = new[key][rows1][:, perm]
             new["cls"][rows1] = inverse[new["cls"][rows1]]
-        for j in range(k_cls):
-            halves = raw[j]
+        curves = []
+        for halves in raw:
             curve = fsc(halves[0] * self.fsc_mask, halves[1] * self.fsc_mask)
             curve[np.arange(len(curve)) > r_cur] = 0.0
+            curves.append(curve)
+        difference_shell = None
+        if k_cls > 1 and stage == "classification" and opt.classification_frequency_cap:
+            difference_shell = self._difference_shell(raw, r_cur)
+        del raw
+        maps = np.empty((k_cls,) + (self.box,) * 3, dtype=np.float32)
+        half_maps = np.empty((2,) + maps.shape, dtype=np.float32)
+        res_A, shells_05 = [], []
+        for j, curve in enumerate(curves):
             half_snr = fsc_to_snr(curve, full_set=False)
             for h in (0, 1):
-                half_maps[h].append((bps[j][h].reconstruct(half_snr, opt.tau2_fudge, self.sym).cpu().numpy()
-                                     * self.solvent).astype(np.float32))
+                half_maps[h, j] = bps[j][h].reconstruct(half_snr, opt.tau2_fudge, self.sym).cpu().numpy()
+                half_maps[h, j] *= self.solvent
             bps[j][0].add(bps[j][1])
-            full = bps[j][0].reconstruct(fsc_to_snr(curve), opt.tau2_fudge, self.sym).cpu().numpy()
-            maps.append((full * self.solvent).astype(np.float32))
-            curves.append(curve)
-            res = resolution_at(curve, 0.143, self.box, self.px)
-            res_A.append(res)
+            maps[j] = bps[j][0].reconstruct(fsc_to_snr(curve), opt.tau2_fudge, self.sym).cpu().numpy()
+            maps[j] *= self.solvent
+            bps[j] = None
+            res_A.append(resolution_at(curve, 0.143, self.box, self.px))
             # the E-step marches out to where the class maps still carry signal (FSC 0.5) plus a
             # margin: beyond it frequencies add cost, not information, to alignment and assignment
             shells_05.append(self.box * self.px / resolution_at(curve, 0.5, self.box, self.px))
@@ -591,7 +609,7 @@ class MulticlassRefiner:
         if aligning:  # one consensus map stands for every class until the classes are split
             rep = lambda a: np.repeat(np.asarray(a), k_all, axis=0)
             maps, curves, res_A = rep(maps), rep(curves), list(rep(res_A))
-            half_maps = (rep(half_maps[0]), rep(half_maps[1]))
+            half_maps = np.repeat(half_maps, k_all, axis=1)
             new["post"] = np.full((len(new["cls"]), k_all), 1.0 / k_all)
             new["evid"] = np.zeros((len(new["cls"]), k_all))
             new["cls"] = np.full(len(new["cls"]), -1)
@@ -599,10 +617,10 @@ class MulticlassRefiner:
         prior = np.maximum(sizes / sizes.sum(), 1e-6)
         # while classes are re-aligned from scratch, each at its own pace, the slowest sets the limit
         best_shell = min(shells_05) if stage == "class alignment" else max(shells_05)
-        if k_cls > 1 and stage == "classification" and opt.classification_frequency_cap:
+        if difference_shell is not None:
             # classification gains nothing from frequencies where the classes do not differ
             # reproducibly: cap the E-step where the half-sets' class-difference maps decorrelate
-            best_shell = min(best_shell, self._difference_shell(raw, r_cur))
+            best_shell = min(best_shell, difference_shell)
         r_next = float(np.clip(best_shell + 4.0, self.r_initial, self.r_limit))
         changed = float(np.mean(new["cls"] != state.classes)) if min(state.classes.min(), new["cls"].min()) >= 0 \
             else 1.0
@@ -617,7 +635,7 @@ class MulticlassRefiner:
                  f"{entry['mean_angle_change_deg']:.1f} deg  logL {entry['loglik']:.4g}  "
                  f"(limit {self.box * self.px / max(r_cur, 1e-6):.1f} A, {entry['seconds']} s)")
         return MulticlassState(
-            iteration=it, maps=np.stack(maps), half_maps=np.stack([np.stack(half_maps[0]), np.stack(half_maps[1])]),
+            iteration=it, maps=maps, half_maps=half_maps,
             class_prior=prior, sigma2=sigma2, r_current=r_next,
             rotations=new["rot"], origins_px=new["org"], classes=new["cls"], posteriors=new["post"],
             max_prob=new["maxp"], loglik=new["ll"], n_significant=new["nsig"], evidence=new["evid"],
@@ -653,7 +671,9 @@ class MulticlassRefiner:
         chance (measured: -0.13 at shell 1 with 0.4-0.85 from shell 2 to 13) would send the
         E-step, and the class maps with it, back to the initial resolution. Above them, a shell
         counts as a crossing only when the next one is below 0.143 too, for the same reason."""
-        mean = [np.mean([r[h] for r in raw], axis=0) for h in (0, 1)]
+        mean = [sum(r[h] for r in raw[1:]) + raw[0][h] for h in (0, 1)]
+        for m in mean:
+            m /= len(raw)
         floor = int(math.ceil(self.r_initial))
         shell = 0.0
         for r in raw:
@@ -696,20 +716,27 @@ def realignment_moving(history: list, angular_step_deg: float) -> float | None:
     return None
 
 
-def match_classes(first: list[np.ndarray], second: list[np.ndarray]) -> np.ndarray:
+def match_classes(first: list[np.ndarray], second: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
     """Permutation p such that first[p[j]] is the class of ``first`` that matches second[j].
 
-    Classes are matched by the correlation of their deviations from their set's mean map
-    (exhaustively for up to 7 classes, greedily beyond).
+    Classes are matched by the correlation of their deviations from their set's mean map, within
+    ``mask`` if given (exhaustively for up to 7 classes, greedily beyond). The deviations' inner
+    products are summed in float64 over blocks of voxels: no full-size copies are made.
     """
     k = len(first)
-    d1 = np.stack([f.ravel() for f in first])
-    d2 = np.stack([f.ravel() for f in second])
-    d1 = d1 - d1.mean(0)
-    d2 = d2 - d2.mean(0)
-    d1 /= np.linalg.norm(d1, axis=1, keepdims=True) + 1e-30
-    d2 /= np.linalg.norm(d2, axis=1, keepdims=True) + 1e-30
-    score = d1 @ d2.T  # score[a, b]: first a vs second b
+    flat = [np.asarray(m).reshape(-1) for m in list(first) + list(second)]
+    weight = None if mask is None else np.asarray(mask).reshape(-1)
+    gram = np.zeros((2 * k, 2 * k))
+    step = 1 << 16
+    for start in range(0, flat[0].size, step):
+        block = np.stack([f[start:start + step] for f in flat]).astype(np.float64)
+        block[:k] -= block[:k].mean(0)
+        block[k:] -= block[k:].mean(0)
+        if weight is not None:
+            block *= weight[start:start + step]
+        gram += block @ block.T
+    norms = np.sqrt(np.diag(gram)) + 1e-30
+    score = gram[:k, k:] / norms[:k, None] / norms[None, k:]  # score[a, b]: first a vs second b
     if k <= 7:
         best = max(itertools.permutations(range(k)), key=lambda p: sum(score[p[j], j] for j in range(k)))
         return np.array(best)

@@ -18,12 +18,23 @@ from .fourier import centred_dft_axis, half_plane_coords, irfft2_centered, shift
 
 def gridding_correction(box: int, pad: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Real-space (D, D, D) factor sinc^2(x/P) sinc^2(y/P) sinc^2(z/P) of trilinear interpolation on the padded grid."""
+    s = _gridding_axis(box, pad, device, dtype)
+    return s[:, None, None] * s[None, :, None] * s[None, None, :]
+
+
+def undo_gridding(volume: torch.Tensor, pad: int, inplace: bool = False) -> torch.Tensor:
+    """``volume / gridding_correction``, one axis at a time: no (D, D, D) factor is made."""
+    s = _gridding_axis(volume.shape[-1], pad, volume.device, volume.dtype)
+    out = volume.div_(s[:, None, None]) if inplace else volume / s[:, None, None]
+    return out.div_(s[None, :, None]).div_(s[None, None, :])
+
+
+def _gridding_axis(box: int, pad: int, device=None, dtype=torch.float32) -> torch.Tensor:
     x = (torch.arange(box, dtype=torch.float64) - box // 2) / (pad * box)
-    s = torch.sinc(x) ** 2
-    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).to(device=device, dtype=dtype)
+    return (torch.sinc(x) ** 2).to(device=device, dtype=dtype)
 
 
-def prepare_volume(volume: torch.Tensor, pad: int = 2, size: int | None = None) -> torch.Tensor:
+def prepare_volume(volume: torch.Tensor, pad: int = 2, size: int | None = None, half: bool = False) -> torch.Tensor:
     """Real cube (D, D, D) -> padded centred transform (P, P, P) ready for slicing, or its central
     (size, size, size) part (the low frequencies up to size / (2 pad) in D-box index units).
 
@@ -31,6 +42,10 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2, size: int | None = None) 
     ``size`` at once, over slabs of the other axes: no (P, P, P) array is made unless it is the
     result. A padded grid of a 256-px map takes 1 GB as complex64, and the E-step needs only
     the frequencies below its resolution limit.
+
+    With ``half`` only the half space x >= 0 is kept, (size, size, size/2) for an even ``size``:
+    the map is real, so the other half is its conjugate mirror, and :func:`project_real` samples
+    it there. That halves the E-step's references.
     """
     box = volume.shape[-1]
     if volume.shape[-3:] != (box, box, box):
@@ -39,9 +54,13 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2, size: int | None = None) 
     size = padded if size is None else int(size)
     if not 0 < size <= padded:
         raise ValueError(f"grid size {size} must be in 1..{padded}")
-    out = volume / gridding_correction(box, pad, volume.device, volume.dtype)
+    if half and size % 2:
+        raise ValueError(f"a half-space grid needs an even size, got {size}")
+    out = undo_gridding(volume, pad)
     for dim in (-1, -2, -3):
         out = centred_dft_axis(out, dim, padded, size)
+        if half and dim == -1:
+            out = out[..., size // 2:].contiguous()
     return out
 
 
@@ -74,7 +93,8 @@ def _corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int)
 
 
 def slice_grid(volume_ft: torch.Tensor) -> torch.Tensor:
-    """A (P, P, P) complex grid as the (1, 2, P, P, P) real layout that :func:`project_ft` samples.
+    """A (P, P, P) complex grid (or its half space (P, P, P/2) from :func:`prepare_volume`) as the
+    (1, 2, P, P, P) (or (1, 2, P, P, P/2)) real layout that :func:`project_ft` samples.
 
     Prepare it once per reference and iteration when projecting many batches.
     """
@@ -85,22 +105,43 @@ PROJECT_CHUNK_POINTS = 1 << 18
 
 
 def project_ft(volume_ft: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """Central slices: (P, P, P) complex grid (or its :func:`slice_grid` layout), rotations (R, 3, 3),
-    coords (M, 2) as (kx, ky) -> (R, M) complex, by trilinear interpolation."""
+    """Central slices: (P, P, P) complex grid, its half space (P, P, P/2) (see :func:`prepare_volume`),
+    or either's :func:`slice_grid` layout; rotations (R, 3, 3), coords (M, 2) as (kx, ky) -> (R, M)
+    complex, by trilinear interpolation."""
+    vals = project_real(volume_ft, rotations, coords, pad)
+    return torch.complex(vals[:, 0], vals[:, 1])
+
+
+def project_real(volume_ft: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, pad: int = 2,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`project_ft` as real and imaginary parts (R, 2, M), written into ``out`` when given
+    (any (R, 2, M) view): the E-step scores projections in this [Re, Im] layout, so no complex
+    copy of them is made."""
     grid = slice_grid(volume_ft) if volume_ft.is_complex() else volume_ft
-    size = grid.shape[-1]
+    size, n_x = grid.shape[-2], grid.shape[-1]
+    half = n_x != size
     rot = rotations.to(device=grid.device, dtype=grid.dtype)
     c = coords.to(grid.dtype)
     n_rot, m = rot.shape[0], c.shape[0]
-    out = torch.empty((n_rot, m), dtype=torch.complex64 if grid.dtype == torch.float32 else torch.complex128,
-                      device=grid.device)
+    if out is None:
+        out = torch.empty((n_rot, 2, m), dtype=grid.dtype, device=grid.device)
+    # grid_sample's [-1, 1] units, align_corners: x from 0 in a half space, else centred like y, z
+    unit = torch.tensor([2.0 / (n_x - 1), 2.0 / (size - 1), 2.0 / (size - 1)], dtype=grid.dtype, device=grid.device)
+    centre = torch.tensor([0.0 if half else size // 2, size // 2, size // 2], dtype=grid.dtype, device=grid.device)
+    pos_scale, offset = unit * pad, unit * centre - 1.0
     # rotations go through in chunks of ~2^18 points on the CPU: the position and sample
     # temporaries of all at once (tens of MB each) are what set the E-step's peak memory
     step = max(1, (PROJECT_CHUNK_POINTS if grid.device.type == "cpu" else 64 * PROJECT_CHUNK_POINTS) // max(m, 1))
     for start in range(0, n_rot if m else 0, step):
-        pos = torch.einsum("mi,rij->rmj", c, rot[start:start + step, :2, :]) * pad + size // 2
-        vals = sample_grid(grid, (pos * (2.0 / (size - 1)) - 1.0).reshape(-1, 3))
-        out[start:start + step] = torch.complex(vals[0], vals[1]).reshape(-1, m)
+        pos = torch.einsum("mi,rij->rmj", c, rot[start:start + step, :2, :]).reshape(-1, 3)
+        if half:
+            # a frequency q with x < 0 is read at -q, conjugated
+            sign = torch.where(pos[:, 0] < 0, -1.0, 1.0).to(pos.dtype)
+            pos.mul_(sign[:, None])
+        vals = sample_grid(grid, torch.addcmul(offset, pos, pos_scale))
+        if half:
+            vals[1].mul_(sign)
+        out[start:start + step] = vals.reshape(2, -1, m).transpose(0, 1)
     return out
 
 

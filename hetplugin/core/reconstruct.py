@@ -16,8 +16,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .fourier import centred_dft_axis, half_plane_coords
-from .projection import PROJECT_CHUNK_POINTS, frequency_mask, gridding_correction
+from .fourier import SLAB_ELEMENTS, centred_dft_axis, half_plane_coords
+from .projection import frequency_mask, undo_gridding
+
+INSERT_CHUNK_POINTS = 1 << 16
 
 
 class Backprojector:
@@ -79,9 +81,10 @@ class Backprojector:
         else:
             vals, wts = images_ft * (ctf * w), ctf * ctf * w
         rot = rotations.to(device=self.device, dtype=self.dtype).to(dtype=coords.dtype)
-        # images go in chunks of ~2^18 points on the CPU (64x on a GPU): the corner indices and
-        # weights take ~100 bytes a point
-        chunk = PROJECT_CHUNK_POINTS if self.device.type == "cpu" else 64 * PROJECT_CHUNK_POINTS
+        # images go in chunks of ~2^16 points on the CPU (256x on a GPU): the corner indices,
+        # weights and weighted values take ~200 bytes a point, and the allocator keeps what the
+        # largest chunk once needed
+        chunk = INSERT_CHUNK_POINTS if self.device.type == "cpu" else 256 * INSERT_CHUNK_POINTS
         step = max(1, chunk // max(coords.shape[0], 1))
         for start in range(0, rot.shape[0], step):
             # the same interpolation corners serve the data and the weight grids
@@ -121,7 +124,7 @@ class Backprojector:
         # plane x = 0 the half space holds q and -q: each counts once in the shell means
         shell_of, inside_of, z2, yx2, once_x = _shell_tables(size, self.pad, n_shells, self.grid_box / 2 - 1 + 1e-6,
                                                           str(self.device), self.dtype)
-        step = max(1, (1 << 22) // (size * n_x))
+        step = max(1, SLAB_ELEMENTS // (size * n_x))
         slabs = [(z0, min(size, z0 + step)) for z0 in range(0, size, step)]
 
         def r2_of(z0, z1):
@@ -212,10 +215,10 @@ def _half_grid_to_map(data: torch.Tensor, box: int, pad: int) -> torch.Tensor:
     vol = centred_dft_axis(vol, -2, n, box, inverse=True)
     at = (torch.arange(box, device=data.device) - box // 2) % n
     real = torch.empty((box, box, box), dtype=vol.real.dtype, device=data.device)
-    step = max(1, (1 << 22) // (box * n))
+    step = max(1, SLAB_ELEMENTS // (box * n))
     for z0 in range(0, box, step):
         real[z0:z0 + step] = torch.fft.irfft(vol[z0:z0 + step], n=n, dim=-1).index_select(-1, at)
-    return real / gridding_correction(box, pad, real.device, real.dtype)
+    return undo_gridding(real, pad, inplace=True)
 
 
 @lru_cache(maxsize=8)
