@@ -279,3 +279,22 @@ def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
     assert np.median(err[wrong]) < 15.0, np.median(err[wrong])
     assert np.median(err[~wrong]) < 15.0, np.median(err[~wrong])
     assert cc(state.maps[1]) > 0.9, cc(state.maps[1])
+
+
+def test_match_classes_finds_the_permutation_of_noisy_half_maps():
+    """The halves' classes are matched by their deviations from the mean map (within the mask),
+    not by the shared consensus: the classes here differ by 3% of the maps' norm."""
+    from hetplugin.core.masks import spherical_mask
+    from hetplugin.core.multiclass import match_classes
+
+    rng = np.random.default_rng(5)
+    box = 24
+    mask = spherical_mask(box, 9, edge_px=2)
+    common = rng.normal(size=(box,) * 3).astype(np.float32)
+    classes = [common + 0.03 * rng.normal(size=common.shape).astype(np.float32) for _ in range(4)]
+    noisy = lambda v: v + 0.01 * rng.normal(size=v.shape).astype(np.float32)
+    for order in ([2, 0, 3, 1], [0, 1, 2, 3], [3, 2, 1, 0]):
+        first = [noisy(classes[o]) for o in order]
+        second = [noisy(c) for c in classes]
+        perm = match_classes(first, second, mask)
+        assert [order[p] for p in perm] == [0, 1, 2, 3]

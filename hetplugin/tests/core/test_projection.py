@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from hetplugin.core.ctf import CTFParams, ctf_values, electron_wavelength_A
@@ -159,6 +160,25 @@ def test_prepare_volume_equals_the_cropped_transform_of_the_padded_volume():
             got = prepare_volume(vol, pad, size)
             assert got.shape == (size,) * 3
             assert torch.allclose(got, crop_volume(truth, size), atol=1e-10 * truth.abs().max()), (box, pad, size)
+
+
+def test_half_space_references_project_as_the_full_grid():
+    """Slices of the half space x >= 0 (read at -q, conjugated, where x < 0) equal those of the
+    full grid, for even and odd boxes and cropped sizes; the half space is the full grid's."""
+    gen = torch.Generator().manual_seed(4)
+    rot = torch.as_tensor(random_rotations(40, np.random.default_rng(4)), dtype=torch.float64)
+    for box, pad, size in ((24, 2, 48), (25, 2, 30), (16, 3, 26)):
+        vol = torch.randn(box, box, box, dtype=torch.float64, generator=gen)
+        full = prepare_volume(vol, pad, size)
+        half = prepare_volume(vol, pad, size, half=True)
+        assert half.shape == (size, size, size // 2)
+        assert torch.allclose(half, full[..., size // 2:], atol=1e-12 * full.abs().max())
+        k = torch.as_tensor(half_plane_coords(box)[frequency_mask(box, size / (2 * pad) - 1.01)], dtype=torch.float64)
+        want = project_ft(full, rot, k, pad)
+        got = project_ft(half, rot, k, pad)
+        assert torch.allclose(got, want, atol=1e-12 * want.abs().max()), (box, pad, size)
+    with pytest.raises(ValueError, match="even size"):
+        prepare_volume(vol, pad, 25, half=True)
 
 
 def test_map_from_a_cropped_half_grid_equals_the_padded_inverse_transform():
