@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .dataset import ParticleDataset
-from .device import release_memory
+from .device import large_blocks_returned, release_memory
 from .fit import fit_rotation, rotate_volume
 from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
@@ -316,7 +316,8 @@ class MulticlassRefiner:
         for half in (1, 2):
             expect(half)
             release_memory()
-        state = self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, stage)
+        with large_blocks_returned():
+            state = self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, stage)
         release_memory()
         return state
 
