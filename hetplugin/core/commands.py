@@ -102,7 +102,7 @@ def run_reconstruct(a: argparse.Namespace) -> None:
     maps = [bp.reconstruct(symmetry=sym).cpu().numpy() for bp in bps]
     diameter_px = 0.9 * box if a.mask_diameter is None else a.mask_diameter / px
     mask = spherical_mask(box, diameter_px / 2, edge_px=3)
-    curve = fsc(maps[0] * mask, maps[1] * mask)
+    curve = fsc(maps[0], maps[1], mask)
     res = resolution_at(curve, 0.143, box, px)
     bps[0].add(bps[1])
     full = bps[0].reconstruct(fsc_to_snr(curve), a.tau2_fudge, sym).cpu().numpy()
@@ -116,7 +116,7 @@ def run_reconstruct(a: argparse.Namespace) -> None:
         truth, _ = read_volume(a.truth)
         if truth.shape != full.shape:
             raise ValueError(f"{a.truth}: the true map is {truth.shape[0]} px, the reconstruction {box} px")
-        tcurve = fsc(full * mask, truth * mask)
+        tcurve = fsc(full, truth, mask)
         report.update(fsc_truth=tcurve.tolist(), resolution_truth_05_A=resolution_at(tcurve, 0.5, box, px))
         log(f"reconstruct: FSC against the truth 0.5 resolution {report['resolution_truth_05_A']:.2f} A")
     (out / "fsc.json").write_text(json.dumps(report, indent=1))

@@ -7,19 +7,24 @@ import torch
 from .fourier import SLAB_ELEMENTS, half_plane_hermitian_weights, half_space_radius
 
 
-def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor) -> np.ndarray:
-    """FSC of two cubes (D, D, D) in integer shells 0 .. D//2 (index units).
+def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor,
+        mask: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+    """FSC of two cubes (D, D, D), each times ``mask`` if given, in integer shells 0 .. D//2
+    (index units).
 
     Sums run over the Hermitian half space of real transforms (x >= 0), each coefficient with the
     weight of the conjugate it stands for, z-slab by z-slab. The transforms are float64 whatever
-    the input's type, made slab by slab (:func:`_half_transform`): two complex half-space grids
-    are the only full-size arrays.
+    the input's type, made slab by slab (:func:`_half_transform`, which applies the mask per
+    slab): two complex half-space grids are the only full-size arrays.
     """
     a, b = torch.as_tensor(np.asarray(volume_a)), torch.as_tensor(np.asarray(volume_b))
     box = a.shape[-1]
     if a.shape != b.shape or a.shape != (box,) * 3:
         raise ValueError(f"FSC needs two cubes of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    fa, fb = _half_transform(a), _half_transform(b)
+    m = None if mask is None else torch.as_tensor(np.asarray(mask))
+    if m is not None and m.shape != a.shape:
+        raise ValueError(f"the FSC mask {tuple(m.shape)} differs from the maps {tuple(a.shape)}")
+    fa, fb = _half_transform(a, m), _half_transform(b, m)
     n = box // 2 + 1
     weight = torch.as_tensor(half_plane_hermitian_weights(box)[0])
     sums = torch.zeros((3, n + 1), dtype=torch.float64)  # cross, power a, power b; shells beyond D//2 in bin n
@@ -33,14 +38,18 @@ def fsc(volume_a: np.ndarray | torch.Tensor, volume_b: np.ndarray | torch.Tensor
     return cross / np.sqrt(np.maximum(pa * pb, 1e-300))
 
 
-def _half_transform(volume: torch.Tensor) -> torch.Tensor:
-    """``torch.fft.rfftn`` of a real cube in float64, (D, D, D//2+1) complex128, without a float64
-    copy of the input: 2D transforms of z-slabs, then the z transform in y-slabs, in place."""
+def _half_transform(volume: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.fft.rfftn`` of a real cube (times ``mask``) in float64, (D, D, D//2+1) complex128,
+    without a float64 or masked copy of the input: 2D transforms of z-slabs, then the z
+    transform in y-slabs, in place."""
     box = volume.shape[-1]
     out = torch.empty((box, box, box // 2 + 1), dtype=torch.complex128)
     step = max(1, SLAB_ELEMENTS // (box * box))
     for z0 in range(0, box, step):
-        out[z0:z0 + step] = torch.fft.rfft2(volume[z0:z0 + step].to(torch.float64))
+        slab = volume[z0:z0 + step].to(torch.float64)
+        if mask is not None:
+            slab = slab * mask[z0:z0 + step]
+        out[z0:z0 + step] = torch.fft.rfft2(slab)
     for y0 in range(0, box, step):
         out[:, y0:y0 + step] = torch.fft.fft(out[:, y0:y0 + step], dim=0)
     return out

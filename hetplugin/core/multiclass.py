@@ -579,7 +579,7 @@ class MulticlassRefiner:
             new["cls"][rows1] = inverse[new["cls"][rows1]]
         curves = []
         for halves in raw:
-            curve = fsc(halves[0] * self.fsc_mask, halves[1] * self.fsc_mask)
+            curve = fsc(halves[0], halves[1], self.fsc_mask)
             curve[np.arange(len(curve)) > r_cur] = 0.0
             curves.append(curve)
         difference_shell = None
@@ -678,7 +678,7 @@ class MulticlassRefiner:
         floor = int(math.ceil(self.r_initial))
         shell = 0.0
         for r in raw:
-            curve = fsc((r[0] - mean[0]) * self.fsc_mask, (r[1] - mean[1]) * self.fsc_mask)
+            curve = fsc(r[0] - mean[0], r[1] - mean[1], self.fsc_mask)
             curve[np.arange(len(curve)) > r_cur] = 0.0
             curve[:floor] = 1.0
             curve[:-1] = np.maximum(curve[:-1], curve[1:])
