@@ -43,7 +43,10 @@ from .search import TopK, as_real, quadratic_weights, scores_per_image, scores_s
 from .symmetry import symmetry_group
 
 # E-step batches are sized so that the fine search's tensors stay near this (see _batch_size)
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 32 << 20
+# the coarse search scores its grid's rotations in chunks of about this many scores (8 MB; the
+# chunk's scores are copied once more for the running top-k)
+COARSE_CHUNK_SCORES = 1 << 21
 
 
 @dataclass
@@ -404,7 +407,7 @@ class MulticlassRefiner:
         a = as_real(weighted_images(xs, None if ctf is None else ctf[:, :m], weight[:m]))
         qc = q[:, :m]
         rots, orgs = [], []
-        chunk = max(1, int(1e7 // max(1, b * n_shift)))  # scores of one chunk: 40 MB
+        chunk = max(1, COARSE_CHUNK_SCORES // max(1, b * n_shift))
         for pr, pw in proj_c:
             top = TopK(b, n_top, self.device)
             for start in range(0, pr.shape[0], chunk):
