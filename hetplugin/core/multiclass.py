@@ -398,12 +398,15 @@ class MulticlassRefiner:
         g = torch.as_tensor(grid, dtype=self.dtype, device=self.device)
         return centres[..., None, :] + g
 
-    def _shifted(self, x: torch.Tensor, origins: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Images (B, M) centred at candidate origins (B, ..., 2) -> (B, ..., M)."""
+    def _shifted(self, x: torch.Tensor, origins: torch.Tensor, coords: torch.Tensor, image_dim: int = 0) -> torch.Tensor:
+        """Images (B, M) centred at candidate origins (..., 2), whose dimension ``image_dim`` runs
+        over the B images, -> (..., M)."""
         shape = origins.shape[:-1]
         o = origins.reshape(-1, 2)
         ph = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(*shape, -1)
-        return ph.mul_(x.reshape(x.shape[0], *([1] * (len(shape) - 1)), -1))
+        view = [1] * len(shape) + [-1]
+        view[image_dim] = x.shape[0]
+        return ph.mul_(x.reshape(view))
 
     def _coarse_search(self, x, ctf, weight, q, state, rows, coords, m, proj_c, profile, shifts, n_top):
         """Best ``n_top`` (rotation, origin) per image and class on the coarse global grid."""
@@ -460,9 +463,7 @@ class MulticlassRefiner:
         m = coords.shape[0]
         # scoring groups run class-major (class, image, centre): each class's projections are
         # written straight into one real [Re, Im] tensor, with no complex or per-class copies
-        o = orgs.transpose(0, 1).reshape(-1, 2)
-        xs = shift_phase(coords[:, 0], coords[:, 1], o[:, 0], o[:, 1], self.box).reshape(k_cls, b, t * n_sh, m)
-        xs.mul_(x[None, :, None, :])
+        xs = self._shifted(x, orgs.transpose(0, 1), coords, image_dim=1).reshape(k_cls, b, t * n_sh, m)
         xs.mul_(weight if ctf is None else (ctf * weight)[None, :, None, :])
         a = as_real(xs).reshape(k_cls * b * t, n_sh, 2 * m)
         del xs
@@ -684,9 +685,7 @@ class MulticlassRefiner:
         chance (measured: -0.13 at shell 1 with 0.4-0.85 from shell 2 to 13) would send the
         E-step, and the class maps with it, back to the initial resolution. Above them, a shell
         counts as a crossing only when the next one is below 0.143 too, for the same reason."""
-        mean = [sum(r[h] for r in raw[1:]) + raw[0][h] for h in (0, 1)]
-        for m in mean:
-            m /= len(raw)
+        mean = [sum(r[h] for r in raw) / len(raw) for h in (0, 1)]
         floor = int(math.ceil(self.r_initial))
         shell = 0.0
         for r in raw:
