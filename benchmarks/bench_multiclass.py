@@ -188,11 +188,13 @@ def main() -> None:
           + "; ".join(f"{name} median {r['median_frame_error_deg']:.1f} deg (turns "
                       + ", ".join(f"{f:.1f}" for f in r["frame_rotation_deg"]) + " deg)" for name, r, _, _ in rows))
     _, mem_torch = timed([sys.executable, "-c", "import torch"], work, work / "import_torch.log")
-    print(f"peak memory of 'import torch' alone, part of every run of ours: {mem_torch:.0f} MB")
+    print(f"peak memory of 'import torch' alone, part of every run of ours: {mem_torch:.0f} MB "
+          f"(ours beyond it: {mem_ours - mem_torch:.0f} MB)")
     if len(rows) == 2:
         (_, ro, to, mo), (_, rr, tr, mr) = rows
         print(f"ratios (hetplugin / RELION): accuracy {ro['accuracy'] / rr['accuracy']:.3f}, "
-              f"wall time {to / tr:.3f}, peak memory {mo / mr:.3f}")
+              f"wall time {to / tr:.3f}, peak memory {mo / mr:.3f} ({(mo - mem_torch) / mr:.3f} for ours beyond "
+              "'import torch')")
 
 
 if __name__ == "__main__":

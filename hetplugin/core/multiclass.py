@@ -424,7 +424,10 @@ class MulticlassRefiner:
             top = TopK(b, n_top, self.device)
             for start in range(0, pr.shape[0], chunk):
                 s = scores_shared(a, qc, pr[start:start + chunk], pw[start:start + chunk], profile)  # (B, S, R)
-                top.update(s.transpose(1, 2).reshape(b, -1), start * n_shift)
+                n_rc = s.shape[2]
+                vals, idx = torch.topk(s.reshape(b, -1), min(n_top, s[0].numel()), dim=1)
+                # flat candidate index: rotation-major over the whole grid, shift fastest
+                top.update(vals, (start + idx % n_rc) * n_shift + idx // n_rc)
             r_idx, s_idx = top.index // n_shift, top.index % n_shift
             rots.append(torch.as_tensor(self.coarse_grid, dtype=self.dtype, device=self.device)[r_idx])
             orgs.append(torch.gather(cand, 1, s_idx[..., None].expand(-1, -1, 2)))

@@ -47,9 +47,7 @@ def scores_shared(a_real: torch.Tensor, q: torch.Tensor, proj_real: torch.Tensor
     """
     cross = torch.matmul(a_real, proj_real.T)
     quad = (q @ proj_power.T)[:, None, :]
-    if profile_scale:
-        return cross.clamp(min=0) ** 2 / (2.0 * quad.clamp(min=1e-20))
-    return cross - 0.5 * quad
+    return _score_from(cross, quad, profile_scale)
 
 
 def scores_per_image(a_real: torch.Tensor, q: torch.Tensor, proj_real: torch.Tensor, proj_power: torch.Tensor,
@@ -58,24 +56,30 @@ def scores_per_image(a_real: torch.Tensor, q: torch.Tensor, proj_real: torch.Ten
     projections: a_real (G, S, 2M), q (G, M), proj_real (G, L, 2M), proj_power (G, L, M)."""
     cross = torch.bmm(a_real, proj_real.transpose(1, 2))
     quad = torch.einsum("gm,glm->gl", q, proj_power)[:, None, :]
+    return _score_from(cross, quad, profile_scale)
+
+
+def _score_from(cross: torch.Tensor, quad: torch.Tensor, profile_scale: bool) -> torch.Tensor:
+    """The score from the cross term (overwritten: the largest tensor of a chunk is not copied)
+    and the broadcast quadratic term."""
     if profile_scale:
-        return cross.clamp(min=0) ** 2 / (2.0 * quad.clamp(min=1e-20))
-    return cross - 0.5 * quad
+        return cross.clamp_(min=0).square_().div_(2.0 * quad.clamp(min=1e-20))
+    return cross.sub_(0.5 * quad)
 
 
 class TopK:
-    """Running top-k of scores (B, n) over chunks, with the flat candidate index of each kept score."""
+    """Running top-k of scores over chunks, with the flat candidate index of each kept score."""
 
     def __init__(self, batch: int, k: int, device):
         self.k = k
         self.values = torch.full((batch, 0), -float("inf"), device=device)
         self.index = torch.zeros((batch, 0), dtype=torch.long, device=device)
 
-    def update(self, scores: torch.Tensor, offset: int) -> None:
-        # the chunk's own top k first: merging then concatenates k columns, not the whole chunk
-        chunk_values, chunk_index = torch.topk(scores, min(self.k, scores.shape[1]), dim=1)
-        values = torch.cat([self.values, chunk_values], 1)
-        index = torch.cat([self.index, chunk_index + offset], 1)
+    def update(self, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Merge a chunk's best candidates: scores (B, n) and their flat candidate indices (B, n)
+        (the chunk's own top k: merging then concatenates k columns, not the whole chunk)."""
+        values = torch.cat([self.values, values], 1)
+        index = torch.cat([self.index, index], 1)
         k = min(self.k, values.shape[1])
         self.values, pos = torch.topk(values, k, dim=1)
         self.index = torch.gather(index, 1, pos)
