@@ -44,8 +44,7 @@ from .symmetry import symmetry_group
 
 # E-step batches are sized so that the fine search's tensors stay near this (see _batch_size)
 BATCH_BYTES = 32 << 20
-# the coarse search scores its grid's rotations in chunks of about this many scores (8 MB; the
-# chunk's scores are copied once more for the running top-k)
+# the coarse search scores its grid's rotations in chunks of about this many scores (8 MB)
 COARSE_CHUNK_SCORES = 1 << 21
 
 
