@@ -90,20 +90,6 @@ def half_plane_hermitian_weights(box: int) -> np.ndarray:
     return w
 
 
-def crop_volume(volume: torch.Tensor, box: int) -> torch.Tensor:
-    """Central (D, D, D) cube of a (P, P, P) volume (centre P // 2 kept at D // 2)."""
-    padded = volume.shape[-1]
-    start = padded // 2 - box // 2
-    return volume[..., start:start + box, start:start + box, start:start + box]
-
-
-def crop_images(images: torch.Tensor, box: int) -> torch.Tensor:
-    """Central (box, box) window of (..., D, D) real images."""
-    d = images.shape[-1]
-    start = d // 2 - box // 2
-    return images[..., start:start + box, start:start + box]
-
-
 def radius(shape: tuple[int, ...]) -> np.ndarray:
     """Euclidean radius in pixels from the centre (index D // 2) of an array of ``shape``.
 

@@ -1,10 +1,10 @@
-"""Fourier central-slice projection and its adjoint (backprojection).
+"""Fourier central-slice projection.
 
 A volume (D, D, D) is gridding-corrected, zero-padded by ``pad`` (2 by default)
 and transformed: the result is a centred complex grid (P, P, P), P = pad * D.
 A projection with rotation A samples that grid at pad * A^T (kx, ky, 0) by
-trilinear interpolation (:func:`project_ft`); :func:`backproject_ft` is its exact
-adjoint (the transpose of the same interpolation weights). Image frequencies
+trilinear interpolation (:func:`project_ft`); its exact adjoint, the transpose of the same
+interpolation weights, is :class:`hetplugin.core.reconstruct.Backprojector`. Image frequencies
 (kx, ky) are in index units of the D-box and must satisfy |k| <= D/2 - 1 so that
 every interpolation neighbour lies inside the padded grid.
 """
@@ -69,27 +69,6 @@ def frequency_mask(box: int, r_max: float | None = None) -> np.ndarray:
     limit = box / 2 - 1 if r_max is None else min(float(r_max), box / 2 - 1)
     k = half_plane_coords(box)
     return np.hypot(k[..., 0], k[..., 1]) <= limit + 1e-9
-
-
-def _corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int):
-    """Trilinear corner indices (8, R*M) into a flattened (P^3) grid and weights (8, R*M) (zero outside).
-
-    Corners are ordered (dz, dy, dx) with dx fastest.
-    """
-    # (R, M, 3) positions (x, y, z) in padded index units, origin at size // 2
-    pos = torch.einsum("mi,rij->rmj", coords, rotations[:, :2, :]) * pad + size // 2
-    pos = pos.reshape(-1, 3)
-    base = torch.floor(pos)
-    frac = pos - base
-    inside = ((base >= 0) & (base <= size - 2)).all(dim=1)
-    base = base.long().clamp_(0, size - 2)
-    lin = (base[:, 2] * size + base[:, 1]) * size + base[:, 0]
-    steps = torch.tensor([0, 1], device=pos.device)
-    offsets = ((steps[:, None, None] * size + steps[None, :, None]) * size + steps[None, None, :]).reshape(8)
-    idx = lin[None, :] + offsets[:, None]
-    fx, fy, fz = (torch.stack([1 - frac[:, a], frac[:, a]]) for a in range(3))
-    w = (fz[:, None, None] * fy[None, :, None] * fx[None, None, :]).reshape(8, -1) * inside
-    return idx, w
 
 
 def slice_grid(volume_ft: torch.Tensor) -> torch.Tensor:
@@ -161,34 +140,6 @@ def sample_grid(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     out = torch.nn.functional.grid_sample(grid.expand(chunks, -1, -1, -1, -1), points.reshape(chunks, 1, 1, per, 3),
                                           mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(chunks, grid.shape[1], per).permute(1, 0, 2).reshape(grid.shape[1], -1)[:, :n]
-
-
-def backproject_ft(values: torch.Tensor, rotations: torch.Tensor, coords: torch.Tensor, size: int,
-                   pad: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Adjoint of :func:`project_ft`: scatter (R, M) values (complex or real) into a (P, P, P) grid.
-
-    Accumulates into ``out`` when given (complex for complex values, real for real
-    values, e.g. CTF^2 weights) and returns it.
-    """
-    rot = rotations.to(device=values.device, dtype=coords.dtype)
-    idx, w = _corners(rot, coords, pad, size)
-    if out is None:
-        out = torch.zeros((size,) * 3, dtype=values.dtype, device=values.device)
-    _scatter(values, idx, w, out)
-    return out
-
-
-def _scatter(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    """out.flat[idx] += values * w for (R, M) values and (8, R*M) corner indices/weights from :func:`_corners`."""
-    flat = out.view(-1)
-    w = w.to(out.real.dtype if out.is_complex() else out.dtype)
-    if values.is_complex():
-        # a complex index_add_ (one element per index) is much faster than one into the
-        # (N, 2) view_as_real layout (rows of two); same additions in the same order
-        src = torch.view_as_real(values.reshape(-1))[None] * w[..., None]
-        flat.index_add_(0, idx.reshape(-1), torch.view_as_complex(src.reshape(-1, 2)))
-    else:
-        flat.index_add_(0, idx.reshape(-1), (values.reshape(-1)[None] * w.to(values.dtype)).reshape(-1))
 
 
 def project_images(volume: torch.Tensor, rotations: torch.Tensor, origins_px: torch.Tensor | None = None,

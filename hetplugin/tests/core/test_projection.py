@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from hetplugin.core.ctf import CTFParams, ctf_values, electron_wavelength_A
-from hetplugin.core.fourier import crop_volume, fftn_centered, half_plane_coords, rfft2_centered, shift_phase
+from hetplugin.core.fourier import fftn_centered, half_plane_coords, rfft2_centered, shift_phase
 from hetplugin.core.fsc import fsc
 from hetplugin.core.masks import spherical_mask
-from hetplugin.core.projection import (backproject_ft, frequency_mask, gridding_correction, prepare_volume,
-                                       project_ft, project_images)
+from hetplugin.core.projection import frequency_mask, gridding_correction, prepare_volume, project_ft, project_images
 from hetplugin.core.reconstruct import Backprojector
 from hetplugin.core.rotations import euler_to_matrix, random_rotations
 from hetplugin.core.simulate import make_class_volumes
+from hetplugin.tests.core.maps import backproject_ft, crop_volume
 
 
 def test_projector_adjointness_float64():

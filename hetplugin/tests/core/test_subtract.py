@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from hetplugin.tests.core.maps import corr, lowpass_sharp, shifted_truth
+from hetplugin.tests.core.maps import corr, crop_volume, lowpass_sharp, shifted_truth
 from hetplugin.core import cli
 from hetplugin.core.dataset import ParticleDataset
-from hetplugin.core.fourier import crop_volume
 from hetplugin.core.mrc import StackReader, read_header, read_volume, write_volume
 from hetplugin.core.projection import frequency_mask, prepare_volume, project_ft
 from hetplugin.core.fourier import half_plane_coords
