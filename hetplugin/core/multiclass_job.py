@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "least this many iterations align each class again on its own (particles held in their "
                         "class) from the low-passed reference, so that a state the consensus misaligned gets its "
                         "own poses; more while poses still move by over an angular step (0: off)")
+    p.add_argument("--realign-lowpass", type=float, default=o.realign_lowpass_A,
+                   help="resolution (A) the reference is low-passed to for the class re-alignment, or the initial "
+                        "low-pass where that is finer: a featureless start lets a compact state align to wrong poses")
     p.add_argument("--global-iterations", type=int, default=o.global_iterations,
                    help="iterations with a global search before searching locally around the current poses")
     p.add_argument("--symmetry", default=o.symmetry, help="point group (C1, Cn, Dn, T, O, I)")
@@ -78,7 +81,8 @@ def options_from_args(a: argparse.Namespace) -> MulticlassOptions:
         n_classes=a.classes, iterations=a.iterations, initial_lowpass_A=a.initial_lowpass, tau2_fudge=a.tau2_fudge,
         angular_step_deg=a.angular_step, offset_range_A=a.offset_range, offset_step_A=a.offset_step,
         local_search_deg=a.local_search, global_iterations=a.global_iterations,
-        alignment_iterations=a.alignment_iterations, realign_iterations=a.realign_iterations, symmetry=a.symmetry,
+        alignment_iterations=a.alignment_iterations, realign_iterations=a.realign_iterations,
+        realign_lowpass_A=a.realign_lowpass, symmetry=a.symmetry,
         particle_diameter_A=a.particle_diameter, resolution_limit_A=a.resolution_limit,
         min_class_size=a.min_class_size, seed=a.seed, batch_size=a.batch_size)
 

@@ -117,8 +117,9 @@ class ProtMulticlassRefine(ProtHetBase):
                       help='With one reference and a global search: once the classification has '
                            'settled (or when only these iterations and one more are left), each '
                            'class is refined again on its own (its particles held in it) with a '
-                           'global search from the low-passed reference, for at least this many '
-                           'iterations (more while poses still move by over an angular step); '
+                           'global search from the reference (see the re-alignment low-pass '
+                           'filter), for at least this many iterations (more while poses still '
+                           'move by over an angular step); '
                            'then one global search over all classes, and classification resumes. '
                            'A state far from the consensus (e.g. a closed conformation among open '
                            'ones) gets wrong consensus poses: it may still sort well, but its map '
@@ -126,6 +127,15 @@ class ProtMulticlassRefine(ProtHetBase):
                            'maps are then turned into the reference\'s frame. Skipped when the run '
                            'has too few iterations left after the annealed half of the '
                            'classification. 0: off.')
+        form.addParam('realignLowPassFilterA', params.FloatParam, default=20.0,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label='Re-alignment low-pass filter (A)',
+                      help='The class re-alignment starts from the reference low-pass filtered to '
+                           'this resolution (or to the initial low-pass filter where that is '
+                           'finer). From a featureless start, a compact state (e.g. a closed '
+                           'conformation) can settle on wrong poses with a self-consistent but '
+                           'wrong map; 20 A keeps the domains\' layout without the reference\'s '
+                           'detail.')
         form.addParam('initialLowPassFilterA', params.FloatParam, default=30.0,
                       label='Initial low-pass filter (A)',
                       help='The reference(s) are low-pass filtered to this resolution before '
@@ -292,6 +302,7 @@ class ProtMulticlassRefine(ProtHetBase):
         for name, label in (('numberOfIterations', 'number of iterations'),
                             ('angularSamplingDeg', 'angular sampling'),
                             ('initialLowPassFilterA', 'initial low-pass filter'),
+                            ('realignLowPassFilterA', 're-alignment low-pass filter'),
                             ('regularisationParamT', 'regularisation parameter T')):
             if not getattr(self, name).get() or getattr(self, name).get() <= 0:
                 errors.append('The %s must be positive.' % label)
@@ -435,6 +446,7 @@ class ProtMulticlassRefine(ProtHetBase):
             'global_iterations': self.globalIterations.get(),
             'alignment_iterations': self.alignmentIterations.get(),
             'realign_iterations': self.realignIterations.get(),
+            'realign_lowpass': self.realignLowPassFilterA.get(),
             'symmetry': self.symmetryGroup.get(),
             'particle_diameter': self._positiveOrNone(self.maskDiameterA.get()),
             'mask': self._getFileName('input_mask') if self.referenceMask.get() is not None else None,

@@ -270,6 +270,10 @@ def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
         state = refiner.iterate(state)
         assert state.history[-1]["stage"] == "class alignment"
         assert np.array_equal(state.classes, classes)
+        if len(state.history) == 4:
+            # it starts from the reference at 20 A (the default re-alignment low-pass), finer than
+            # the 30 A initial low-pass: frequencies up to 32 px * 4 A/px / 20 A = 6.4 shells
+            assert state.history[-1]["r_current"] == pytest.approx(6.4)
     while state.history[-1]["stage"] == "class alignment":
         state = refiner.iterate(state)
     # the first iteration after it turns the maps into the reference's frame and searches globally
