@@ -519,9 +519,7 @@ class MulticlassRefiner:
         post = res["post"]
         b = post.shape[0]
         class_post = post.reshape(b, k_cls, -1).sum(2)
-        vals, idx = torch.sort(post, dim=1, descending=True)
-        keep_n = min(self.opt.max_significant, idx.shape[1])
-        vals, idx = vals[:, :keep_n], idx[:, :keep_n]
+        vals, idx = torch.topk(post, min(self.opt.max_significant, post.shape[1]), dim=1)
         cum = torch.cumsum(vals, 1)
         keep = (cum - vals) < 0.999
         vals = vals * keep
