@@ -127,10 +127,10 @@ def test_three_classes(tmp_path):
 
     Measured accuracy 0.896 here (seeds 6, 7, 8 of this set: 0.896, 0.731, 0.937, ARI 0.71,
     0.49, 0.82; with the class re-alignment from the initial 30 A instead of 20 A: 0.903,
-    0.749, 0.944; box 48, 1500 particles, SNR 0.3: 0.96-0.97 before that change). On the box-32 'removal' sets the consensus poses come out near
-    random (median error ~120 degrees after alignment) and K=3 reaches only ~0.65-0.85:
-    there the limit is alignment, not classification (with the true poses the classes
-    separate completely)."""
+    0.749, 0.944; box 48, 1500 particles, SNR 0.3: 0.96-0.97 before that change). On the
+    box-32 'removal' sets the consensus poses come out near random (median error ~120 degrees
+    after alignment) and K=3 reaches only ~0.65-0.85: there the limit is alignment, not
+    classification (with the true poses the classes separate completely)."""
     sim = tmp_path / "sim"
     simulate(sim, n_particles=900, n_classes=3, box=40, pixel_size_A=3.0, snr=0.5, seed=6,
              heterogeneity="motion", with_alignment=False, log=lambda m: None)
