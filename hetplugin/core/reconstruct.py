@@ -158,24 +158,27 @@ class Backprojector:
 
 def _half_corners(rotations: torch.Tensor, coords: torch.Tensor, pad: int, size: int):
     """Trilinear corners of rotated frequencies in a half-space (P, P, P/2+1) grid: flattened
-    indices (8 * R * M,), weights (8, R * M) (zero outside) and each point's sign (R * M,): -1
-    where x < 0, whose sample goes in at -q with its value conjugated."""
-    pos = torch.einsum("mi,rij->rmj", coords, rotations[:, :2, :]).reshape(-1, 3) * pad
-    sign = torch.where(pos[:, 0] < 0, -1.0, 1.0).to(pos.dtype)
+    indices (8 * R * M,) (int32 where the grid allows: a third less index traffic in index_add_),
+    weights (8, R * M) (zero outside) and each point's sign (R * M,): -1 where x < 0, whose sample
+    goes in at -q with its value conjugated."""
     n_x = size // 2 + 1
-    low = pos.new_tensor([0.0, size // 2, size // 2])
-    high = pos.new_tensor([n_x - 2, size - 2, size - 2])
-    pos = torch.addcmul(low, pos, sign[:, None])
+    pos = torch.matmul(coords * pad, rotations[:, :2, :]).reshape(-1, 3)
+    sign = torch.where(pos[:, 0] < 0, -1.0, 1.0).to(pos.dtype)
+    pos.mul_(sign[:, None]).add_(pos.new_tensor([0.0, size // 2, size // 2]))
     base = torch.floor(pos)
-    frac = pos - base
+    frac = pos.sub_(base)
+    high = pos.new_tensor([n_x - 2, size - 2, size - 2])
     inside = ((base >= 0) & (base <= high)).all(dim=1)
-    base = torch.clamp(base, min=torch.zeros_like(high), max=high).long()
+    index_dtype = torch.int32 if size * size * n_x < 2 ** 31 else torch.int64
+    base = torch.minimum(base.clamp_(min=0), high).to(index_dtype)
     lin = (base[:, 2] * size + base[:, 1]) * n_x + base[:, 0]
-    steps = torch.tensor([0, 1], device=pos.device)
+    steps = torch.tensor([0, 1], dtype=index_dtype, device=pos.device)
     offsets = ((steps[:, None, None] * size + steps[None, :, None]) * n_x + steps[None, None, :]).reshape(8)
     idx = (lin[None, :] + offsets[:, None]).reshape(-1)
-    fx, fy, fz = (torch.stack([1 - frac[:, a], frac[:, a]]) for a in range(3))
-    w = (fz[:, None, None] * fy[None, :, None] * fx[None, None, :]).reshape(8, -1) * inside
+    # points outside the grid get zero weight through their x factors
+    fx = torch.stack([1 - frac[:, 0], frac[:, 0]]) * inside
+    fy, fz = (torch.stack([1 - frac[:, a], frac[:, a]]) for a in (1, 2))
+    w = (fz[:, None, None] * fy[None, :, None] * fx[None, None, :]).reshape(8, -1)
     return idx, w, sign
 
 
