@@ -478,8 +478,15 @@ class MulticlassRefiner:
         orgs = self._origins(centres_org, shifts)  # (B, K, T, S, 2)
         m = coords.shape[0]
         # scoring groups run class-major (class, image, centre): each class's projections are
-        # written straight into one real [Re, Im] tensor, with no complex or per-class copies
-        xs = self._shifted(x, orgs.transpose(0, 1), coords, image_dim=1).reshape(k_cls, b, t * n_sh, m)
+        # written straight into one real [Re, Im] tensor, with no complex or per-class copies.
+        # Phase factors are separable: exp(-2 pi i k.(c + d) / D) is the centre's factor times the
+        # grid offset's, so the images are shifted to each centre and then by the S offsets
+        # (B K T + S phase vectors to compute instead of B K T S)
+        xc = self._shifted(x, centres_org.transpose(0, 1), coords, image_dim=1)  # (K, B, T, M)
+        sh = torch.as_tensor(shifts, dtype=self.dtype, device=self.device)
+        xs = (xc[:, :, :, None, :] * shift_phase(coords[:, 0], coords[:, 1], sh[:, 0], sh[:, 1], self.box)) \
+            .reshape(k_cls, b, t * n_sh, m)
+        del xc
         xs.mul_(weight if ctf is None else (ctf * weight)[None, :, None, :])
         a = as_real(xs).reshape(k_cls * b * t, n_sh, 2 * m)
         del xs
