@@ -749,6 +749,17 @@ def realignment_moving(history: list, angular_step_deg: float) -> float | None:
     return None
 
 
+def classes_unsettled(history: list, converged: bool, fraction: float = 0.02) -> float | None:
+    """The fraction of particles that changed class in the last iteration when a run that did not
+    converge ended in classification with over ``fraction`` of them still changing class, else
+    None. A run's first classification iteration (each particle's first class) does not count."""
+    classifying = [h for h in history if h["stage"] == "classification"]
+    if converged or len(classifying) < 2 or history[-1]["stage"] != "classification":
+        return None
+    changed = float(history[-1]["changed_class_fraction"])
+    return changed if changed > fraction else None
+
+
 def match_classes(first: list[np.ndarray], second: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
     """Permutation p such that first[p[j]] is the class of ``first`` that matches second[j].
 

@@ -21,7 +21,8 @@ from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
 from .masks import check_mask
 from .mrc import read_volume, write_volume
-from .multiclass import MulticlassOptions, MulticlassRefiner, MulticlassState, realignment_moving
+from .multiclass import (MulticlassOptions, MulticlassRefiner, MulticlassState, classes_unsettled,
+                         realignment_moving)
 from .rotations import matrix_to_euler
 from .starfile import read_particles, write_particles
 
@@ -198,9 +199,14 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
         log(f"WARNING: the class re-alignment ended at the iteration limit with poses still changing by "
             f"{unfinished:.1f} deg on average (over twice the {opt.angular_step_deg:g} deg step): the class "
             f"maps can get sharper with more iterations (e.g. --iterations {opt.iterations + 5})")
+    unsettled = classes_unsettled(state.history, converged)
+    if unsettled is not None:
+        log(f"WARNING: the run ended at the iteration limit with {100 * unsettled:.1f}% of the particles still "
+            f"changing class in its last iteration: the classes have not settled (at low SNR they take longer); "
+            f"go on with more iterations (e.g. --continue --iterations {opt.iterations + 5})")
     model = dict(n_particles=len(table), iterations=state.iteration, converged=bool(converged),
                  pixel_size_A=pixel_size_A, realignment_unfinished_deg=unfinished,
-                 options=dataclasses.asdict(opt), classes=classes, history=state.history)
+                 classes_unsettled_fraction=unsettled, options=dataclasses.asdict(opt), classes=classes, history=state.history)
     (out / "model.json").write_text(json.dumps(model, indent=1))
     (out / "history.json").write_text(json.dumps(state.history, indent=1))
     for c in classes:

@@ -349,6 +349,10 @@ class ProtMulticlassRefine(ProtHetBase):
                          % (c['class_number'], size, 100.0 * size / max(n, 1),
                             c.get('resolution_A', float('nan')),
                             ' (below the minimum class size)' if c.get('below_min_size') else ''))
+        if model.get('classes_unsettled_fraction') is not None:
+            lines.append('The classes had not settled: %.1f%% of the particles still changed class in the last '
+                         'iteration. More iterations (e.g. %d) let them settle.'
+                         % (100.0 * model['classes_unsettled_fraction'], model.get('iterations', 0) + 5))
         realigned = [h['iteration'] for h in model.get('history') or [] if h.get('stage') == 'class alignment']
         if realigned:
             lines.append('Classes re-aligned on their own in iterations %d-%d (global search from the '
