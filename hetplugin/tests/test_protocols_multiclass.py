@@ -383,6 +383,12 @@ class TestMulticlassValidation(_ProjectTest):
         warnings = prot._warnings()
         self.assertMessage(warnings, 'expect small, unreliable classes')
         self.assertMessage(warnings, 'angular sampling of 30.0 deg is coarse')
+        # three classes from one reference need a longer run than two
+        prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfClasses=3)
+        self.assertMessage(prot._warnings(), 'Consider 30 iterations')
+        prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfClasses=3,
+                                  numberOfIterations=30)
+        self.assertFalse(any('iterations' in w for w in prot._warnings()), prot._warnings())
 
 
 class TestMulticlassContinue(_ProjectTest):

@@ -252,6 +252,11 @@ def test_a_run_ending_with_classes_still_changing_says_so():
     # the first classification (every particle's first class) and a re-alignment are not judged here
     assert classes_unsettled(history[:2], converged=False) is None
     assert classes_unsettled(history[:4], converged=False) is None
+    # what the warning suggests: a new run, 5 iterations longer per class beyond the first
+    from hetplugin.core.multiclass import MulticlassOptions
+    from hetplugin.core.multiclass_job import suggested_iterations
+    assert suggested_iterations(MulticlassOptions(iterations=25, n_classes=2)) == 30
+    assert suggested_iterations(MulticlassOptions(iterations=20, n_classes=3)) == 30
 
 
 def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
