@@ -216,7 +216,9 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
             f"separates classes that continuing this one may leave mixed")
     model = dict(n_particles=len(table), iterations=state.iteration, converged=bool(converged),
                  pixel_size_A=pixel_size_A, realignment_unfinished_deg=unfinished,
-                 classes_unsettled_fraction=unsettled, options=dataclasses.asdict(opt), classes=classes, history=state.history)
+                 classes_unsettled_fraction=unsettled,
+                 suggested_iterations=None if unsettled is None else suggested_iterations(opt),
+                 options=dataclasses.asdict(opt), classes=classes, history=state.history)
     (out / "model.json").write_text(json.dumps(model, indent=1))
     (out / "history.json").write_text(json.dumps(state.history, indent=1))
     for c in classes:

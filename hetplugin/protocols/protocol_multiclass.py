@@ -322,12 +322,12 @@ class ProtMulticlassRefine(ProtHetBase):
             warnings.append('With %d particles and %d classes, classes average %d particles '
                             '(< 2 x minimum class size %d): expect small, unreliable classes.'
                             % (n, k, n // k, self.minClassSize.get()))
-        if (k >= 3 and len(self._referenceVolumes()) == 1
-                and self.numberOfIterations.get() < 25 + 5 * (k - 2)):
+        enough = 25 + 5 * (k - 2)
+        if k >= 3 and len(self._referenceVolumes()) == 1 and self.numberOfIterations.get() < enough:
             warnings.append('%d classes from one reference in %d iterations: classes separate during '
                             'the annealed half of the run, and more classes need longer (three classes, '
                             'measured: 0.73-0.94 accuracy in 20 iterations, 0.90 in 25, 0.92-0.94 in 30). '
-                            'Consider %d iterations.' % (k, self.numberOfIterations.get(), 25 + 5 * (k - 2)))
+                            'Consider %d iterations.' % (k, self.numberOfIterations.get(), enough))
         if self._useLocalSearch() and not particles.hasAlignmentProj():
             warnings.append('Local angular search is asked for but the particles have no 3D '
                             'alignment: the search will be global (slower).')
@@ -363,8 +363,7 @@ class ProtMulticlassRefine(ProtHetBase):
             lines.append('The classes had not settled: %.1f%% of the particles still changed class in the last '
                          'iteration. Run again with more iterations (e.g. %d): a longer run anneals longer '
                          'and separates classes better than continuing this one.'
-                         % (100.0 * model['classes_unsettled_fraction'],
-                            model.get('iterations', 0) + 5 * max(1, len(model['classes']) - 1)))
+                         % (100.0 * model['classes_unsettled_fraction'], model['suggested_iterations']))
         realigned = [h['iteration'] for h in model.get('history') or [] if h.get('stage') == 'class alignment']
         if realigned:
             lines.append('Classes re-aligned on their own in iterations %d-%d (global search from the '

@@ -390,6 +390,21 @@ class TestMulticlassValidation(_ProjectTest):
                                   numberOfIterations=30)
         self.assertFalse(any('iterations' in w for w in prot._warnings()), prot._warnings())
 
+    def test_summary_of_a_run_whose_classes_had_not_settled(self):
+        import json
+        prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=10)
+        self.proj.saveProtocol(prot)
+        path = os.path.join(self.proj.getPath(), prot.getOutputFile('model'))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        classes = [dict(class_number=j, size=30, resolution_A=8.0) for j in (1, 2)]
+        with open(path, 'w') as f:
+            json.dump(dict(n_particles=60, iterations=25, converged=False, classes=classes, history=[],
+                           classes_unsettled_fraction=0.069, suggested_iterations=30), f)
+        summary = '\n'.join(prot._summary())
+        self.assertIn('stopped at the iteration limit', summary)
+        self.assertIn('6.9% of the particles still changed class', summary)
+        self.assertIn('Run again with more iterations (e.g. 30)', summary)
+
 
 class TestMulticlassContinue(_ProjectTest):
     """Scipion's *continue* after a stop: the core resumes from its saved iteration."""
