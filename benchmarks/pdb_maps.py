@@ -12,6 +12,12 @@ package (``pip download --no-deps MDAnalysisTests``, then unpack ``MDAnalysisTes
 
     python benchmarks/pdb_maps.py adk_open.pdb adk_closed.pdb --superpose 1-29,60-121,160-214 --out adk
     python benchmarks/bench_multiclass.py --maps adk/map_001.mrc adk/map_002.mrc --skip-relion
+
+``--intermediates N`` adds N conformations between two models with the same atoms (a linear
+morph of the superposed coordinates), e.g. three classes open / half-closed / closed::
+
+    python benchmarks/pdb_maps.py adk_open.pdb adk_closed.pdb --superpose 1-29,60-121,160-214 \
+        --intermediates 1 --out adk3
 """
 from __future__ import annotations
 
@@ -84,24 +90,34 @@ def main() -> None:
     p.add_argument("--pixel-size", type=float, default=2.0)
     p.add_argument("--superpose", default=None, help="residues to superpose on (e.g. 1-29,60-121); default all")
     p.add_argument("--out", default="pdb_maps", help="output folder (map_001.mrc, ...)")
+    p.add_argument("--intermediates", type=int, default=0,
+                   help="conformations to add between two models with the same atoms (linear morph)")
     a = p.parse_args()
     models = [read_pdb(f) for f in a.pdb]
     ref_xyz, ref_w, ref_res = models[0]
     centre = (ref_xyz * ref_w[:, None]).sum(0) / ref_w.sum()
-    maps = []
+    placed, names = [], list(a.pdb)
     for xyz, w, res in models:
         common = np.intersect1d(res[residue_selection(a.superpose, res)], ref_res[residue_selection(a.superpose, ref_res)])
         # the residues' mean heavy-atom positions: models may differ in atom naming
         mov = np.stack([xyz[res == r].mean(0) for r in common])
         fix = np.stack([ref_xyz[ref_res == r].mean(0) for r in common])
         rot, t = superpose(mov, fix)
-        maps.append(render(xyz @ rot.T + t - centre, w, a.box, a.pixel_size))
+        placed.append((xyz @ rot.T + t - centre, w))
+    if a.intermediates:
+        (first, w), (last, w_last) = placed[0], placed[-1]
+        if len(placed) != 2 or first.shape != last.shape or not np.array_equal(w, w_last):
+            p.error("--intermediates needs exactly two models with the same atoms in the same order")
+        fractions = np.arange(1, a.intermediates + 1) / (a.intermediates + 1)
+        placed[1:1] = [((1 - f) * first + f * last, w) for f in fractions]
+        names[1:1] = [f"{f:.2f} of the way from {a.pdb[0]} to {a.pdb[1]}" for f in fractions]
+    maps = [render(xyz, w, a.box, a.pixel_size) for xyz, w in placed]
     scale = maps[0].max()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for j, m in enumerate(maps):
         write_volume(out / f"map_{j + 1:03d}.mrc", (m / scale).astype(np.float32), a.pixel_size)
-        print(f"{a.pdb[j]} -> {out / f'map_{j + 1:03d}.mrc'}")
+        print(f"{names[j]} -> {out / f'map_{j + 1:03d}.mrc'}")
 
 
 if __name__ == "__main__":
