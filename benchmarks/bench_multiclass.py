@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hetplugin.core.fsc import fsc, resolution_at
+from hetplugin.core.iterations import default_iterations
 from hetplugin.core.mrc import read_volume
 from hetplugin.core.rotations import angular_distance_deg, euler_to_matrix
 from hetplugin.core.simulate import simulate
@@ -126,7 +127,9 @@ def main() -> None:
     p.add_argument("--pixel-size", type=float, default=2.0)
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--lowpass", type=float, default=30.0, help="initial low-pass of the consensus map (A)")
-    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument("--iterations", type=int, default=0,
+                   help="our maximum number of iterations (default 0, the core's: 25 for two classes, 5 more per "
+                        "further class)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--relion-healpix-order", type=int, default=2, help="2 = 15 deg, 3 = 7.5 deg")
@@ -162,7 +165,7 @@ def main() -> None:
     rows = [("hetplugin", r_ours, t_ours, mem_ours)]
     if not a.skip_relion and shutil.which("relion_refine"):
         rel = work / "relion"
-        rel_iter = a.relion_iterations or a.iterations
+        rel_iter = a.relion_iterations or a.iterations or default_iterations(a.classes)
         rel.mkdir(parents=True, exist_ok=True)
         cmd = ["relion_refine", "--i", str(sim / "particles.star"), "--ref", str(sim / "consensus.mrc"),
                "--o", str(rel / "run"), "--K", str(a.classes), "--iter", str(rel_iter), "--tau2_fudge", "4",

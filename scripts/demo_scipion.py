@@ -52,8 +52,9 @@ def parse_args(argv=None):
     p.add_argument('--pixel-size', type=float, default=3.5, help='pixel size (A)')
     p.add_argument('--snr', type=float, default=0.3, help='signal-to-noise ratio of the images')
     p.add_argument('--classes', type=int, default=2, help='number of simulated structures = K')
-    p.add_argument('--iterations', type=int, default=25,
-                   help='largest number of EM iterations (the protocol\'s default: room for the class re-alignment)')
+    p.add_argument('--iterations', type=int, default=0,
+                   help='largest number of EM iterations (default 0, the protocol\'s: 25 for two classes, 5 more '
+                        'per further class)')
     p.add_argument('--angular-step', type=float, default=7.5, help='angular sampling (deg)')
     p.add_argument('--threads', type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help='CPU threads for the core')

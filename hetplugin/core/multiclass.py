@@ -34,6 +34,7 @@ from .device import large_blocks_returned, release_memory
 from .fit import fit_rotation, rotate_volume
 from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
+from .iterations import default_iterations
 from .masks import spherical_mask
 from .poses import global_grid, local_grid, shift_grid
 from .projection import frequency_mask, prepare_volume, project_ft, project_real, slice_grid
@@ -52,7 +53,7 @@ COARSE_CHUNK_SCORES = 1 << 21
 class MulticlassOptions:
     """Settings of a multiclass refinement (units in the names; see the CLI for help texts)."""
     n_classes: int = 2
-    iterations: int = 25
+    iterations: int = 0           # 0: default_iterations(n_classes)
     initial_lowpass_A: float = 30.0
     tau2_fudge: float = 4.0
     angular_step_deg: float = 7.5
@@ -75,6 +76,10 @@ class MulticlassOptions:
     classification_frequency_cap: bool = True
     anneal_spread: float = 2.0
     stop_change_fraction: float = 0.002
+
+    def __post_init__(self) -> None:
+        if self.iterations == 0:
+            self.iterations = default_iterations(self.n_classes)
 
     def check(self, n_particles: int) -> None:
         if self.n_classes < 1:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
+from .iterations import suggested_iterations
 from .masks import check_mask
 from .mrc import read_volume, write_volume
 from .multiclass import (MulticlassOptions, MulticlassRefiner, MulticlassState, classes_unsettled,
@@ -34,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one reference map (classes are seeded from random particle subsets) or K maps")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--classes", type=int, default=o.n_classes, help="number of classes K")
-    p.add_argument("--iterations", type=int, default=o.iterations, help="maximum number of iterations")
+    p.add_argument("--iterations", type=int, default=0,
+                   help="maximum number of iterations (default 0: 25 for two classes, 5 more per further class)")
     p.add_argument("--initial-lowpass", type=float, default=o.initial_lowpass_A,
                    help="low-pass filter (A) applied to the reference(s) before the first iteration")
     p.add_argument("--tau2-fudge", type=float, default=o.tau2_fudge,
@@ -130,14 +132,6 @@ def run(a: argparse.Namespace, log=print) -> MulticlassState:
     return state
 
 
-def suggested_iterations(opt: MulticlassOptions) -> int:
-    """Iterations to suggest for a new run when one ended with its classes unsettled: 5 more per
-    class beyond the first. Measured with three classes from one reference (the tests' phantom,
-    seeds 6-8): 0.92-0.94 accuracy in 30 iterations against 0.73-0.94 in 20; a 20-iteration run
-    still changing 19% of its particles reached only 0.80 when continued to 30."""
-    return opt.iterations + 5 * max(1, opt.n_classes - 1)
-
-
 def _options_key(opt: MulticlassOptions, a: argparse.Namespace) -> str:
     # the number of iterations may grow between a run and its continuation
     options = {k: v for k, v in dataclasses.asdict(opt).items() if k != "iterations"}
@@ -208,16 +202,17 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
             f"{unfinished:.1f} deg on average (over twice the {opt.angular_step_deg:g} deg step): the class "
             f"maps can get sharper with more iterations (e.g. --iterations {opt.iterations + 5})")
     unsettled = classes_unsettled(state.history, converged)
+    suggested = None if unsettled is None else suggested_iterations(opt.iterations, opt.n_classes)
     if unsettled is not None:
         log(f"WARNING: the run ended at the iteration limit with {100 * unsettled:.1f}% of the particles still "
             f"changing class in its last iteration: the classes have not settled (at low SNR or with more "
-            f"classes they take longer). Run again with more iterations (e.g. --iterations "
-            f"{suggested_iterations(opt)}): the annealed classification takes half of them, and a longer run "
-            f"separates classes that continuing this one may leave mixed")
+            f"classes they take longer). Run again with more iterations (e.g. --iterations {suggested}): the "
+            f"annealed classification takes half of them, and a longer run separates classes that continuing "
+            f"this one may leave mixed")
     model = dict(n_particles=len(table), iterations=state.iteration, converged=bool(converged),
                  pixel_size_A=pixel_size_A, realignment_unfinished_deg=unfinished,
                  classes_unsettled_fraction=unsettled,
-                 suggested_iterations=None if unsettled is None else suggested_iterations(opt),
+                 suggested_iterations=suggested,
                  options=dataclasses.asdict(opt), classes=classes, history=state.history)
     (out / "model.json").write_text(json.dumps(model, indent=1))
     (out / "history.json").write_text(json.dumps(state.history, indent=1))

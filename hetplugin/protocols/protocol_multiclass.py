@@ -26,6 +26,8 @@ import pyworkflow.protocol.params as params
 from pyworkflow.object import Boolean, Float, Integer
 from pwem.objects import SetOfClasses3D, SetOfParticles, SetOfVolumes, Volume
 
+from hetplugin.core.iterations import default_iterations
+
 from .protocol_base import ProtHetBase
 
 
@@ -100,14 +102,15 @@ class ProtMulticlassRefine(ProtHetBase):
         self._defineCtfParams(form)
 
         form.addSection(label='Optimisation')
-        form.addParam('numberOfIterations', params.IntParam, default=25,
+        form.addParam('numberOfIterations', params.IntParam, default=0,
                       label='Number of iterations',
                       help='Largest number of EM iterations; the run stops earlier when '
-                           'classes and poses no longer change. From one reference the classes '
-                           'separate during an annealed first half; more classes need more '
-                           'iterations (25 suit two classes, 30 three: 0.92-0.94 accuracy on our '
-                           'three-state tests against 0.73-0.94 in 20). The summary says when a '
-                           'run ended with its classes still changing.')
+                           'classes and poses no longer change. 0 (the default): 25 for two '
+                           'classes and 5 more for each further class. From one reference the '
+                           'classes separate during an annealed first half, and more classes '
+                           'need more iterations (three classes on our tests: 0.73-0.94 '
+                           'accuracy in 20 iterations, 0.90-0.99 in 25, 0.92-0.995 in 30). The '
+                           'summary says when a run ended with its classes still changing.')
         form.addParam('alignmentIterations', params.IntParam, default=4,
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Consensus alignment iterations',
@@ -284,7 +287,7 @@ class ProtMulticlassRefine(ProtHetBase):
             errors.append('The reference set has %d volumes but %d classes are asked for: give '
                           'one volume or exactly K.' % (len(volumes), k))
         if (len(volumes) == 1 and k >= 2
-                and self.alignmentIterations.get() >= self.numberOfIterations.get()):
+                and self.alignmentIterations.get() >= self._iterations()):
             errors.append('With one reference the first %d iterations align all particles as one '
                           'class: ask for more than %d iterations (or fewer consensus alignment '
                           'iterations) so that the classes are split.'
@@ -303,8 +306,10 @@ class ProtMulticlassRefine(ProtHetBase):
             errors.append('The particles have a 2D alignment; the local search needs a 3D '
                           '(projection) alignment. Switch the local search off.')
         errors += self._validateSymmetry(self.symmetryGroup.get())
-        for name, label in (('numberOfIterations', 'number of iterations'),
-                            ('angularSamplingDeg', 'angular sampling'),
+        if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 0:
+            errors.append('The number of iterations cannot be negative (0 gives the default: 25 for '
+                          'two classes, 5 more per further class).')
+        for name, label in (('angularSamplingDeg', 'angular sampling'),
                             ('initialLowPassFilterA', 'initial low-pass filter'),
                             ('realignLowPassFilterA', 're-alignment low-pass filter'),
                             ('regularisationParamT', 'regularisation parameter T')):
@@ -322,12 +327,13 @@ class ProtMulticlassRefine(ProtHetBase):
             warnings.append('With %d particles and %d classes, classes average %d particles '
                             '(< 2 x minimum class size %d): expect small, unreliable classes.'
                             % (n, k, n // k, self.minClassSize.get()))
-        enough = 25 + 5 * (k - 2)
-        if k >= 3 and len(self._referenceVolumes()) == 1 and self.numberOfIterations.get() < enough:
+        enough = default_iterations(k)
+        if k >= 3 and len(self._referenceVolumes()) == 1 and self._iterations() < enough:
             warnings.append('%d classes from one reference in %d iterations: classes separate during '
                             'the annealed half of the run, and more classes need longer (three classes, '
-                            'measured: 0.73-0.94 accuracy in 20 iterations, 0.90 in 25, 0.92-0.94 in 30). '
-                            'Consider %d iterations.' % (k, self.numberOfIterations.get(), enough))
+                            'measured: 0.73-0.94 accuracy in 20 iterations, 0.90-0.99 in 25, 0.92-0.995 '
+                            'in 30). Consider %d iterations (the default, 0).'
+                            % (k, self._iterations(), enough))
         if self._useLocalSearch() and not particles.hasAlignmentProj():
             warnings.append('Local angular search is asked for but the particles have no 3D '
                             'alignment: the search will be global (slower).')
@@ -347,7 +353,7 @@ class ProtMulticlassRefine(ProtHetBase):
             history = self._readJson('history') or []
             if history:
                 return ['Running: iteration %d of %d done.'
-                        % (history[-1].get('iteration', len(history)), self.numberOfIterations.get())]
+                        % (history[-1].get('iteration', len(history)), self._iterations())]
             return ['Output classes not ready yet.']
         n = model.get('n_particles') or 0
         lines = ['%d particles into %d classes, %d iterations (%s):'
@@ -423,6 +429,10 @@ class ProtMulticlassRefine(ProtHetBase):
             volumes.append(volume)
         return volumes
 
+    def _iterations(self):
+        """The maximum number of iterations: the form's, or the default for K classes (0)."""
+        return self.numberOfIterations.get() or default_iterations(self.numberOfClasses.get() or 2)
+
     def _useLocalSearch(self):
         return bool(self.doLocalSearch.get()) and (self.localSearchRangeDeg.get() or 0) > 0
 
@@ -451,7 +461,7 @@ class ProtMulticlassRefine(ProtHetBase):
             'reference': [self._getFileName('input_reference', ref=i) for i in range(1, nRefs + 1)],
             'out': self._getExtraPath(),
             'classes': self.numberOfClasses.get(),
-            'iterations': self.numberOfIterations.get(),
+            'iterations': self._iterations(),
             'initial_lowpass': self.initialLowPassFilterA.get(),
             'tau2_fudge': self.regularisationParamT.get(),
             'angular_step': self.angularSamplingDeg.get(),
@@ -494,7 +504,7 @@ class ProtMulticlassRefine(ProtHetBase):
         """The core's convergence flag when it writes one; else it stopped before the limit."""
         if 'converged' in model:
             return bool(model['converged'])
-        limit = (model.get('options') or {}).get('iterations', self.numberOfIterations.get())
+        limit = (model.get('options') or {}).get('iterations', self._iterations())
         return model.get('iterations', 0) < limit
 
     @staticmethod

@@ -383,12 +383,19 @@ class TestMulticlassValidation(_ProjectTest):
         warnings = prot._warnings()
         self.assertMessage(warnings, 'expect small, unreliable classes')
         self.assertMessage(warnings, 'angular sampling of 30.0 deg is coarse')
-        # three classes from one reference need a longer run than two
-        prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfClasses=3)
-        self.assertMessage(prot._warnings(), 'Consider 30 iterations')
+        # three classes from one reference need a longer run than two: the default (0) gives it
         prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfClasses=3,
-                                  numberOfIterations=30)
-        self.assertFalse(any('iterations' in w for w in prot._warnings()), prot._warnings())
+                                  numberOfIterations=25)
+        self.assertMessage(prot._warnings(), 'Consider 30 iterations')
+        for iterations, expected in ((0, 30), (30, 30)):
+            prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfClasses=3,
+                                      numberOfIterations=iterations)
+            self.assertFalse(any('iterations' in w for w in prot._warnings()), prot._warnings())
+            self.assertEqual(prot._iterations(), expected)
+        prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfIterations=0)
+        self.assertEqual(prot._iterations(), 25)
+        prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=5, numberOfIterations=-2)
+        self.assertMessage(prot.validate(), 'number of iterations cannot be negative')
 
     def test_summary_of_a_run_whose_classes_had_not_settled(self):
         import json

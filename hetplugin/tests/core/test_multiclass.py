@@ -253,10 +253,27 @@ def test_a_run_ending_with_classes_still_changing_says_so():
     assert classes_unsettled(history[:2], converged=False) is None
     assert classes_unsettled(history[:4], converged=False) is None
     # what the warning suggests: a new run, 5 iterations longer per class beyond the first
+    from hetplugin.core.iterations import suggested_iterations
+    assert suggested_iterations(25, 2) == 30
+    assert suggested_iterations(20, 3) == 30
+
+
+def test_default_iterations_grow_with_the_classes():
+    """Without --iterations (0), a run gets 25 iterations for two classes and 5 more per further class;
+    an explicit number is kept."""
+    import argparse
     from hetplugin.core.multiclass import MulticlassOptions
-    from hetplugin.core.multiclass_job import suggested_iterations
-    assert suggested_iterations(MulticlassOptions(iterations=25, n_classes=2)) == 30
-    assert suggested_iterations(MulticlassOptions(iterations=20, n_classes=3)) == 30
+    from hetplugin.core.multiclass_job import add_arguments, options_from_args
+
+    assert [MulticlassOptions(n_classes=k).iterations for k in (1, 2, 3, 5)] == [25, 25, 30, 40]
+    assert MulticlassOptions(n_classes=3, iterations=12).iterations == 12
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = ["--particles", "p.star", "--reference", "r.mrc", "--out", "o"]
+    assert options_from_args(p.parse_args(args + ["--classes", "4"])).iterations == 35
+    assert options_from_args(p.parse_args(args + ["--classes", "4", "--iterations", "20"])).iterations == 20
+    with pytest.raises(ValueError, match="iterations must be positive"):
+        MulticlassOptions(iterations=-1).check(100)
 
 
 def test_class_realignment_recovers_a_class_with_wrong_poses(tmp_path):
