@@ -109,7 +109,7 @@ class ProtMulticlassRefine(ProtHetBase):
                            'classes and 5 more for each further class. From one reference the '
                            'classes separate during an annealed first half, and more classes '
                            'need more iterations (three classes on our tests: 0.73-0.94 '
-                           'accuracy in 20 iterations, 0.90-0.99 in 25, 0.92-0.995 in 30). The '
+                           'accuracy in 20 iterations, 0.90-0.995 in 25, 0.92-0.995 in 30). The '
                            'summary says when a run ended with its classes still changing.')
         form.addParam('alignmentIterations', params.IntParam, default=4,
                       expertLevel=params.LEVEL_ADVANCED,
@@ -331,7 +331,7 @@ class ProtMulticlassRefine(ProtHetBase):
         if k >= 3 and len(self._referenceVolumes()) == 1 and self._iterations() < enough:
             warnings.append('%d classes from one reference in %d iterations: classes separate during '
                             'the annealed half of the run, and more classes need longer (three classes, '
-                            'measured: 0.73-0.94 accuracy in 20 iterations, 0.90-0.99 in 25, 0.92-0.995 '
+                            'measured: 0.73-0.94 accuracy in 20 iterations, 0.90-0.995 in 25, 0.92-0.995 '
                             'in 30). Consider %d iterations (the default, 0).'
                             % (k, self._iterations(), enough))
         if self._useLocalSearch() and not particles.hasAlignmentProj():
