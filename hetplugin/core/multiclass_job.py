@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="smallest class (particles) considered reliable; smaller ones are flagged")
     p.add_argument("--no-ctf", action="store_true", help="do not correct for the CTF")
     p.add_argument("--ctf-intact-first-peak", action="store_true", help="ignore the CTF until its first peak")
-    p.add_argument("--seed", type=int, default=o.seed, help="random seed (same seed, same result)")
+    p.add_argument("--seed", type=int, default=o.seed, help="random seed (the same seed, inputs, --threads and --device give the same result)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="resume from the last finished iteration saved in OUT/state")
     p.add_argument("--device", default=None,

@@ -135,7 +135,10 @@ class ProtHetBase(EMProtocol):
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Random seed',
                       help='Seed of every random choice (half sets, initial class seeds). '
-                           'The same seed and inputs give the same result.')
+                           'The same seed, inputs, number of threads and device give the same '
+                           'result. Another number of threads, or a GPU, adds numbers up in '
+                           'another order: the maps differ in their last digits, and over a '
+                           'long run a few particles may end in another class or pose.')
 
     def _defineCtfParams(self, form):
         form.addParam('doCTF', params.BooleanParam, default=True,
