@@ -7,9 +7,10 @@ Maximises sum_i log sum_j pi_j int p(X_i | phi, V_j) p(phi) dphi + sum_j log p(V
   frequencies up to a coarse limit) keeps the best few poses of every class; each
   is refined on a fine local grid (rotations and shifts) at the current
   resolution, and the posterior over class x pose x shift is formed over the fine
-  candidates. Later iterations (or particles with a prior alignment) search
-  locally around the current pose with a Gaussian angular prior. Scores are GEMMs
-  (see :mod:`hetplugin.core.search`).
+  candidates (late on, only those that a pre-pass on half the frequencies finds
+  significant are scored on all of them). Later iterations (or particles with a
+  prior alignment) search locally around the current pose with a Gaussian angular
+  prior. Scores are GEMMs (see :mod:`hetplugin.core.search`).
 * M-step: posterior-weighted, CTF-weighted backprojection of every significant
   (class, pose, shift) into per-class half-set accumulators; per-class half-set
   FSC gives the spectral SNR, hence a Wiener (smoothness) prior with fudge T and
