@@ -1,5 +1,5 @@
-"""How many iterations a multiclass run needs: plain Python, so that the protocols read the
-rule without importing torch.
+"""How many iterations a multiclass run needs, and what its history says of how it ended:
+plain Python, so that the protocols read the rules without importing torch.
 
 From one reference the classes separate during an annealed first half of the run, then
 settle, are aligned again one by one and classified once more; more classes take longer
@@ -26,3 +26,24 @@ def suggested_iterations(iterations: int, n_classes: int) -> int:
     still changing 19% of its particles reached only 0.80 when continued to 30, against 0.927
     for a new 30-iteration run."""
     return iterations + ITERATIONS_PER_EXTRA_CLASS * max(1, n_classes - 1)
+
+
+def realignment_moving(history: list, angular_step_deg: float) -> float | None:
+    """The mean pose change (degrees) of the last class re-alignment iteration in ``history`` when
+    it is over the angular step (the poses were still moving), else None. After a run, a value
+    means the re-alignment was cut short by the iteration limit."""
+    done = [h for h in history if h["stage"] == "class alignment"]
+    if done and done[-1]["mean_angle_change_deg"] > angular_step_deg:
+        return float(done[-1]["mean_angle_change_deg"])
+    return None
+
+
+def classes_unsettled(history: list, converged: bool, fraction: float = 0.02) -> float | None:
+    """The fraction of particles that changed class in the last iteration when a run that did not
+    converge ended in classification with over ``fraction`` of them still changing class, else
+    None. A run's first classification iteration (each particle's first class) does not count."""
+    classifying = [h for h in history if h["stage"] == "classification"]
+    if converged or len(classifying) < 2 or history[-1]["stage"] != "classification":
+        return None
+    changed = float(history[-1]["changed_class_fraction"])
+    return changed if changed > fraction else None

@@ -35,13 +35,14 @@ from .device import large_blocks_returned, release_memory
 from .fit import fit_rotation, rotate_volume
 from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
-from .iterations import default_iterations
+from .iterations import default_iterations, realignment_moving
 from .masks import spherical_mask
 from .poses import global_grid, local_grid, shift_grid
-from .projection import frequency_mask, prepare_volume, project_ft, project_real, slice_grid
+from .projection import frequency_mask, prepare_volume, project_ft, slice_grid
 from .reconstruct import Backprojector
 from .rotations import angular_distance_deg
-from .search import TopK, as_real, quadratic_weights, scores_per_image, scores_shared, weighted_images
+from .search import (TopK, as_real, class_log_posteriors, quadratic_weights, score_all, score_selected,
+                     scores_shared, significant_rotations, weighted_images)
 from .symmetry import symmetry_group
 
 # E-step batches are sized so that the fine search's tensors stay near this (see _batch_size)
@@ -483,7 +484,7 @@ class MulticlassRefiner:
 
         In a global search whose limit reaches 2 x PREPASS_MIN_SHELLS, every candidate is first
         scored on the frequencies up to half the limit (a quarter of them), and only the rotations
-        that :meth:`_significant` picks there are projected and scored on all of them (the others
+        that :func:`~hetplugin.core.search.significant_rotations` picks there are projected and scored on all of them (the others
         get no posterior), as in RELION's adaptive oversampling. Around the few best coarse poses
         a late iteration's posterior sits on a few of the rotations searched (on adenylate kinase,
         99.99% of it on 12% of them, picked at half the limit); a local search's, within one
@@ -513,19 +514,19 @@ class MulticlassRefiner:
         radius = torch.hypot(coords[:, 0], coords[:, 1])
         r_pre = 0.5 * float(radius.max()) if len(radius) else 0.0
         if profile or local_prior or r_pre < PREPASS_MIN_SHELLS or self._prepass_off:
-            s, projs = self._score_all(xw, phase, q, vol_ft, rots, coords, profile)
+            s, projs = score_all(xw, phase, q, vol_ft, rots, coords, profile)
             proj_row = torch.arange(projs.shape[0], device=self.device).view(k_cls, b, t, n_rot).permute(1, 0, 2, 3)
         else:
             m_pre = int((radius <= r_pre).sum())  # coords run by radius: the first m_pre
-            s_pre, projs = self._score_all(xw[..., :m_pre], phase[:, :m_pre], q[:, :m_pre], vol_ft, rots,
+            s_pre, projs = score_all(xw[..., :m_pre], phase[:, :m_pre], q[:, :m_pre], vol_ft, rots,
                                            coords[:m_pre], False)
             del projs
-            keep = self._significant(s_pre, log_prior, forced, temperature)
+            keep = significant_rotations(s_pre, log_prior, forced, temperature, PREPASS_MASS, PREPASS_PER_CLASS)
             del s_pre
             # where the posterior is broad, the pre-pass costs more than it saves: off for the
             # rest of the iteration
             self._prepass_off = float(keep.float().mean()) > PREPASS_MAX_KEPT
-            s, projs, proj_row = self._score_selected(xw, phase, q, vol_ft, rots, coords, keep)
+            s, projs, proj_row = score_selected(xw, phase, q, vol_ft, rots, coords, keep)
         del xw
         if rot_prior is not None:
             s = s + rot_prior
@@ -533,85 +534,12 @@ class MulticlassRefiner:
         flat = s.reshape(b, k_cls, -1)
         evidence = torch.logsumexp(flat, dim=2)  # (B, K), class prior included
         total = torch.logsumexp(evidence, dim=1)
-        class_logp = self._class_logp(evidence, forced, temperature)
+        class_logp = class_log_posteriors(evidence, forced, temperature)
         # joint posterior = p(class) (annealed) x p(pose, shift | class)
         logits = (flat - evidence[:, :, None] + class_logp[:, :, None]).reshape(b, -1)
         post = torch.exp(logits)
         return dict(post=post, evidence=evidence, total=total, rots=rots, orgs=orgs, projs=projs,
                     proj_row=proj_row, shape=(k_cls, t, n_sh, n_rot))
-
-    def _score_all(self, xw, phase, q, vol_ft, rots, coords, profile):
-        """Scores (B, K, T, S, L) of every candidate, and the projections (K B T L, 2, M) in class-
-        major order, on ``coords`` (M): xw (K, B, T, M) weighted centred images, phase (S, M)."""
-        k_cls, b, t, m = xw.shape
-        n_sh, n_rot = phase.shape[0], rots.shape[3]
-        a = as_real((xw[:, :, :, None, :] * phase).reshape(k_cls * b * t, n_sh, m))
-        projs = torch.empty((k_cls, b * t * n_rot, 2, m), dtype=self.dtype, device=self.device)
-        for j in range(k_cls):
-            project_real(vol_ft[j], rots[:, j].reshape(-1, 3, 3), coords, out=projs[j])
-        pw = projs[:, :, 0].square()
-        pw.addcmul_(projs[:, :, 1], projs[:, :, 1])
-        qg = q[None, :, None, :].expand(k_cls, b, t, m).reshape(-1, m)
-        s = scores_per_image(a, qg, projs.view(k_cls * b * t, n_rot, 2 * m), pw.view(k_cls * b * t, n_rot, m),
-                             profile).reshape(k_cls, b, t, n_sh, n_rot).transpose(0, 1)
-        return s, projs.view(-1, 2, m)
-
-    def _class_logp(self, evidence: torch.Tensor, forced, temperature: float) -> torch.Tensor:
-        """Log class posteriors (B, K) from the class log-evidences (annealed by ``temperature``),
-        or the ``forced`` classes."""
-        if forced is None:
-            return torch.log_softmax(evidence / temperature, dim=1)
-        class_logp = torch.full(evidence.shape, -float("inf"), device=self.device)
-        class_logp[torch.arange(len(evidence)), torch.as_tensor(forced, device=self.device)] = 0.0
-        return class_logp
-
-    def _significant(self, s_pre: torch.Tensor, log_prior: torch.Tensor, forced, temperature: float) -> torch.Tensor:
-        """(B, K, T, L) the candidate rotations worth scoring on all frequencies, from their scores
-        (B, K, T, S, L) on the pre-pass's: the most probable ones (shifts summed; class posteriors
-        as in the E-step) that carry PREPASS_MASS of an image's posterior there, and every class's
-        PREPASS_PER_CLASS best, so that each class's evidence is formed from its own best poses.
-        The low-frequency posterior is the broader: it keeps more rotations than the full one
-        needs (measured on adenylate kinase: 2e-4 of the full posterior left out on average)."""
-        lp = torch.logsumexp(s_pre, dim=3) + log_prior[None, :, None, None]  # (B, K, T, L)
-        b, k_cls, t, n_rot = lp.shape
-        flat = lp.reshape(b, k_cls, t * n_rot)
-        within = torch.log_softmax(flat, dim=2)
-        joint = (within + self._class_logp(torch.logsumexp(flat, dim=2), forced, temperature)[:, :, None]).exp()
-        vals, idx = torch.sort(joint.reshape(b, -1), dim=1, descending=True)
-        keep = torch.zeros((b, k_cls * t * n_rot), dtype=torch.bool, device=self.device)
-        keep.scatter_(1, idx, (torch.cumsum(vals, 1) - vals) < PREPASS_MASS)
-        keep = keep.view(b, k_cls, t * n_rot)
-        keep.scatter_(2, torch.topk(within, min(PREPASS_PER_CLASS, t * n_rot), dim=2).indices, True)
-        return keep.view(b, k_cls, t, n_rot)
-
-    def _score_selected(self, xw, phase, q, vol_ft, rots, coords, keep):
-        """Scores (B, K, T, S, L) of the candidates ``keep`` selects (the others -inf), their
-        projections (N, 2, M) and each candidate's row in them (B, K, T, L; -1 where not kept).
-
-        With the images' centre and weight in xw (K, B, T, M), a projection P's cross term with
-        every shift offset s is Re sum_k xw_k conj(P_k) phase_sk: one product vector per
-        candidate, then one GEMM against the S phase vectors."""
-        b, k_cls, t, n_rot = keep.shape
-        n_sh, m = phase.shape
-        j_i, b_i, t_i, l_i = keep.permute(1, 0, 2, 3).nonzero().unbind(1)  # class-major
-        n_sel = len(j_i)
-        projs = torch.empty((n_sel, 2, m), dtype=self.dtype, device=self.device)
-        start = 0
-        for j, count in enumerate(torch.bincount(j_i, minlength=k_cls).tolist()):
-            part = slice(start, start + count)
-            if count:
-                project_real(vol_ft[j], rots[b_i[part], j, t_i[part], l_i[part]], coords, out=projs[part])
-            start += count
-        u = xw[j_i, b_i, t_i].mul_(torch.complex(projs[:, 0], -projs[:, 1]))
-        cross = u.real @ phase.real.T
-        cross.sub_(u.imag @ phase.imag.T)
-        del u
-        quad = torch.einsum("nm,nm->n", projs[:, 0].square().addcmul_(projs[:, 1], projs[:, 1]), q[b_i])
-        s = torch.full((b, k_cls, t, n_sh, n_rot), -float("inf"), dtype=self.dtype, device=self.device)
-        s.permute(1, 0, 2, 4, 3)[j_i, b_i, t_i, l_i] = cross.sub_(0.5 * quad[:, None])
-        proj_row = torch.full((b, k_cls, t, n_rot), -1, dtype=torch.long, device=self.device)
-        proj_row.permute(1, 0, 2, 3)[j_i, b_i, t_i, l_i] = torch.arange(n_sel, device=self.device)
-        return s, projs, proj_row
 
     # ------------------------------------------------------------------ M-step pieces
     def _accumulate(self, res, x, ctf, weight, coords, rows, bps, new, shells, herm, s2_num, s2_den, cls):
@@ -834,27 +762,6 @@ class MulticlassRefiner:
                 and last["changed_class_fraction"] <= change_fraction
                 and last["mean_angle_change_deg"] < 0.5 * self.opt.angular_step_deg
                 and max(last["resolution_A"]) >= max(prev["resolution_A"]) - 0.5 * self.px)
-
-
-def realignment_moving(history: list, angular_step_deg: float) -> float | None:
-    """The mean pose change (degrees) of the last class re-alignment iteration in ``history`` when
-    it is over the angular step (the poses were still moving), else None. After a run, a value
-    means the re-alignment was cut short by the iteration limit."""
-    done = [h for h in history if h["stage"] == "class alignment"]
-    if done and done[-1]["mean_angle_change_deg"] > angular_step_deg:
-        return float(done[-1]["mean_angle_change_deg"])
-    return None
-
-
-def classes_unsettled(history: list, converged: bool, fraction: float = 0.02) -> float | None:
-    """The fraction of particles that changed class in the last iteration when a run that did not
-    converge ended in classification with over ``fraction`` of them still changing class, else
-    None. A run's first classification iteration (each particle's first class) does not count."""
-    classifying = [h for h in history if h["stage"] == "classification"]
-    if converged or len(classifying) < 2 or history[-1]["stage"] != "classification":
-        return None
-    changed = float(history[-1]["changed_class_fraction"])
-    return changed if changed > fraction else None
 
 
 def match_classes(first: list[np.ndarray], second: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:

@@ -19,11 +19,10 @@ import numpy as np
 
 from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
-from .iterations import suggested_iterations
+from .iterations import classes_unsettled, realignment_moving, suggested_iterations
 from .masks import check_mask
 from .mrc import read_volume, write_volume
-from .multiclass import (MulticlassOptions, MulticlassRefiner, MulticlassState, classes_unsettled,
-                         realignment_moving)
+from .multiclass import MulticlassOptions, MulticlassRefiner, MulticlassState
 from .rotations import matrix_to_euler
 from .starfile import read_particles, write_particles
 

@@ -192,7 +192,8 @@ def test_class_difference_cap_ignores_the_noisy_first_shells():
 
 def test_class_realignment_comes_once_the_classification_has_settled():
     from types import SimpleNamespace
-    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner, realignment_moving
+    from hetplugin.core.iterations import realignment_moving
+    from hetplugin.core.multiclass import MulticlassOptions, MulticlassRefiner
 
     refiner = MulticlassRefiner.__new__(MulticlassRefiner)
     refiner.opt, refiner.px = MulticlassOptions(iterations=25, alignment_iterations=4, realign_iterations=5), 2.0
@@ -239,7 +240,7 @@ def test_class_realignment_comes_once_the_classification_has_settled():
 
 
 def test_a_run_ending_with_classes_still_changing_says_so():
-    from hetplugin.core.multiclass import classes_unsettled
+    from hetplugin.core.iterations import classes_unsettled
 
     entry = lambda stage, changed: dict(stage=stage, changed_class_fraction=changed)
     # measured at SNR 0.05: 6.9-9.3% still changed class in the last of 25 iterations
@@ -351,7 +352,7 @@ def _refiner_on(sim: Path, **options):
     return MulticlassRefiner(ParticleDataset(read_particles(sim / "particles.star")), opt, log=lambda m: None)
 
 
-def test_selected_candidates_score_as_in_the_full_search(two_state):
+def test_selected_candidates_score_as_in_the_full_search():
     """The fine search's second pass (a product vector per kept candidate, one GEMM against the
     shift offsets' phases) gives each kept candidate the score the full search gives it, -inf to
     the others, and the row of its own projection."""
@@ -359,8 +360,8 @@ def test_selected_candidates_score_as_in_the_full_search(two_state):
     from hetplugin.core.fourier import half_plane_coords, shift_phase
     from hetplugin.core.projection import frequency_mask, prepare_volume, slice_grid
     from hetplugin.core.rotations import random_rotations
+    from hetplugin.core.search import score_all, score_selected
 
-    refiner = _refiner_on(two_state)
     gen = torch.Generator().manual_seed(0)
     box, k_cls, b, t, n_rot = 32, 2, 3, 2, 5
     coords = torch.as_tensor(half_plane_coords(box)[frequency_mask(box, 12)], dtype=torch.float32)
@@ -373,10 +374,10 @@ def test_selected_candidates_score_as_in_the_full_search(two_state):
     shifts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.5, 0.5]])
     phase = shift_phase(coords[:, 0], coords[:, 1], shifts[:, 0], shifts[:, 1], box)
     q = torch.rand(b, m, generator=gen)
-    full, full_projs = refiner._score_all(xw, phase, q, vol_ft, rots, coords, False)
+    full, full_projs = score_all(xw, phase, q, vol_ft, rots, coords, False)
     keep = torch.rand(b, k_cls, t, n_rot, generator=gen) < 0.4
     keep[0, 0, 0, 0] = True
-    part, projs, rows = refiner._score_selected(xw, phase, q, vol_ft, rots, coords, keep)
+    part, projs, rows = score_selected(xw, phase, q, vol_ft, rots, coords, keep)
     kept = keep[:, :, :, None, :].expand_as(full)
     assert torch.allclose(part[kept], full[kept], rtol=1e-4, atol=1e-3 * float(full.abs().max()))
     assert torch.isneginf(part[~kept]).all()
@@ -408,14 +409,14 @@ def test_two_pass_fine_search_keeps_the_posterior_of_the_full_search(two_state, 
     monkeypatch.setattr(mc, "PREPASS_MIN_SHELLS", np.inf)
     sigma2 = refiner.iterate(true_state(1)).sigma2
     results, kept = {}, []
-    original = mc.MulticlassRefiner._significant
+    original = mc.significant_rotations
 
-    def counting(self, *args):
-        keep = original(self, *args)
+    def counting(*args):
+        keep = original(*args)
         kept.append(float(keep.float().mean()))
         return keep
 
-    monkeypatch.setattr(mc.MulticlassRefiner, "_significant", counting)
+    monkeypatch.setattr(mc, "significant_rotations", counting)
     for label, min_shells in (("one pass", np.inf), ("two passes", 4.0)):
         monkeypatch.setattr(mc, "PREPASS_MIN_SHELLS", min_shells)
         state = true_state(2)
