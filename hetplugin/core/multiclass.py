@@ -484,8 +484,9 @@ class MulticlassRefiner:
 
         In a global search whose limit reaches 2 x PREPASS_MIN_SHELLS, every candidate is first
         scored on the frequencies up to half the limit (a quarter of them), and only the rotations
-        that :func:`~hetplugin.core.search.significant_rotations` picks there are projected and scored on all of them (the others
-        get no posterior), as in RELION's adaptive oversampling. Around the few best coarse poses
+        that :func:`~hetplugin.core.search.significant_rotations` picks there are projected and
+        scored on all of them (the others get no posterior), as in RELION's adaptive
+        oversampling. Around the few best coarse poses
         a late iteration's posterior sits on a few of the rotations searched (on adenylate kinase,
         99.99% of it on 12% of them, picked at half the limit); a local search's, within one
         angular step, is spread over most of them, and it has no pre-pass. Nor has the rest of an
@@ -519,7 +520,7 @@ class MulticlassRefiner:
         else:
             m_pre = int((radius <= r_pre).sum())  # coords run by radius: the first m_pre
             s_pre, projs = score_all(xw[..., :m_pre], phase[:, :m_pre], q[:, :m_pre], vol_ft, rots,
-                                           coords[:m_pre], False)
+                                     coords[:m_pre], False)
             del projs
             keep = significant_rotations(s_pre, log_prior, forced, temperature, PREPASS_MASS, PREPASS_PER_CLASS)
             del s_pre
