@@ -486,12 +486,12 @@ class MulticlassRefiner:
         scored on the frequencies up to half the limit (a quarter of them), and only the rotations
         that :func:`~hetplugin.core.search.significant_rotations` picks there are projected and
         scored on all of them (the others get no posterior), as in RELION's adaptive
-        oversampling. Around the few best coarse poses
-        a late iteration's posterior sits on a few of the rotations searched (on adenylate kinase,
-        99.99% of it on 12% of them, picked at half the limit); a local search's, within one
-        angular step, is spread over most of them, and it has no pre-pass. Nor has the rest of an
-        iteration once a batch's pre-pass kept over PREPASS_MAX_KEPT of its rotations (broad
-        posteriors: small particles, low resolution, little signal per image)."""
+        oversampling. Around the few best coarse poses a late iteration's posterior sits on a few
+        of the rotations searched (on adenylate kinase, 99.99% of it on 12% of them, picked at
+        half the limit); a local search's, within one angular step, is spread over most of them,
+        and it has no pre-pass. Nor has the rest of an iteration once a batch's pre-pass kept
+        over PREPASS_MAX_KEPT of its rotations (broad posteriors: small particles, low
+        resolution, little signal per image)."""
         b, k_cls, t = centres_rot.shape[:3]
         if local_prior:
             d_rot, shifts = self.local_rot, self.local_shift
