@@ -1,4 +1,5 @@
-"""Rotational fit of one map onto another: bringing a class map into the reference's frame.
+"""Fitting maps to maps: a class map turned into the reference's frame, and classes matched
+between half-sets (:func:`match_classes`).
 
 A map refined from a featureless low-pass start is free to come out turned as a whole (its
 particles' poses turned with it). ``fit_rotation`` finds the turn G with
@@ -7,6 +8,7 @@ particles' poses turned with it). ``fit_rotation`` finds the turn G with
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -96,3 +98,37 @@ def fit_rotation(moving: np.ndarray, fixed: np.ndarray, pixel_size_A: float, res
         i = int(torch.argmax(s))
         best, score = cand[i], float(s[i])
     return best, score
+
+
+def match_classes(first: list[np.ndarray], second: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
+    """Permutation p such that first[p[j]] is the class of ``first`` that matches second[j].
+
+    Classes are matched by the correlation of their deviations from their set's mean map, within
+    ``mask`` if given (exhaustively for up to 7 classes, greedily beyond). The deviations' inner
+    products are summed in float64 over blocks of voxels: no full-size copies are made.
+    """
+    k = len(first)
+    flat = [np.asarray(m).reshape(-1) for m in list(first) + list(second)]
+    weight = None if mask is None else np.asarray(mask).reshape(-1)
+    gram = np.zeros((2 * k, 2 * k))
+    step = 1 << 16
+    for start in range(0, flat[0].size, step):
+        block = np.stack([f[start:start + step] for f in flat]).astype(np.float64)
+        block[:k] -= block[:k].mean(0)
+        block[k:] -= block[k:].mean(0)
+        if weight is not None:
+            block *= weight[start:start + step]
+        gram += block @ block.T
+    norms = np.sqrt(np.diag(gram)) + 1e-30
+    score = gram[:k, k:] / norms[:k, None] / norms[None, k:]  # score[a, b]: first a vs second b
+    if k <= 7:
+        best = max(itertools.permutations(range(k)), key=lambda p: sum(score[p[j], j] for j in range(k)))
+        return np.array(best)
+    perm = np.full(k, -1)
+    free_a, free_b = set(range(k)), set(range(k))
+    for a, b in sorted(np.ndindex(k, k), key=lambda ab: -score[ab]):
+        if a in free_a and b in free_b:
+            perm[b] = a
+            free_a.discard(a)
+            free_b.discard(b)
+    return perm

@@ -47,3 +47,19 @@ def classes_unsettled(history: list, converged: bool, fraction: float = 0.02) ->
         return None
     changed = float(history[-1]["changed_class_fraction"])
     return changed if changed > fraction else None
+
+
+def refined_step(history: list, step_deg: float, finest_deg: float | None, tolerance_A: float) -> float:
+    """The angular step of the next local search in a refinement that refines its sampling.
+
+    As RELION's auto-refine does, the step is halved once poses have settled at the current one:
+    the last iteration moved them by less than a step on average and the resolution improved by
+    at most ``tolerance_A`` (it needs finer poses to improve further); never below
+    ``finest_deg``. Without ``finest_deg`` (or no finer than ``step_deg``) the step stays."""
+    if not finest_deg or finest_deg >= step_deg or len(history) < 2:
+        return step_deg
+    last, prev = history[-1], history[-2]
+    current = last.get("angular_step_deg", step_deg)
+    settled = (last["mean_angle_change_deg"] < current
+               and min(last["resolution_A"]) >= min(prev["resolution_A"]) - tolerance_A)
+    return current / 2 if settled and current / 2 >= finest_deg * (1 - 1e-6) else current

@@ -10,7 +10,9 @@ Maximises sum_i log sum_j pi_j int p(X_i | phi, V_j) p(phi) dphi + sum_j log p(V
   candidates (late on, only those that a pre-pass on half the frequencies finds
   significant are scored on all of them). Later iterations (or particles with a
   prior alignment) search locally around the current pose with a Gaussian angular
-  prior. Scores are GEMMs (see :mod:`hetplugin.core.search`).
+  prior. Scores are GEMMs (see :mod:`hetplugin.core.search`). A refinement around the
+  particles' alignment (e.g. a focused one, :mod:`hetplugin.core.focused`) may halve its
+  step, and its range with it, each time poses settle (``finest_step_deg``).
 * M-step: posterior-weighted, CTF-weighted backprojection of every significant
   (class, pose, shift) into per-class half-set accumulators; per-class half-set
   FSC gives the spectral SNR, hence a Wiener (smoothness) prior with fudge T and
@@ -22,7 +24,6 @@ Maximises sum_i log sum_j pi_j int p(X_i | phi, V_j) p(phi) dphi + sum_j log p(V
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,10 +33,10 @@ import torch
 
 from .dataset import ParticleDataset
 from .device import large_blocks_returned, release_memory
-from .fit import fit_rotation, rotate_volume
+from .fit import fit_rotation, match_classes, rotate_volume
 from .fourier import half_plane_coords, lowpass_volume, shift_phase
 from .fsc import fsc, fsc_to_snr, resolution_at
-from .iterations import default_iterations, realignment_moving
+from .iterations import default_iterations, realignment_moving, refined_step
 from .masks import spherical_mask
 from .poses import global_grid, local_grid, shift_grid
 from .projection import frequency_mask, prepare_volume, project_ft, slice_grid
@@ -82,6 +83,7 @@ class MulticlassOptions:
     seed: int = 0
     batch_size: int = 64
     max_significant: int = 32
+    finest_step_deg: float | None = None  # local searches around the alignment refine their step to this
     anneal_iterations: int | None = None
     classification_frequency_cap: bool = True
     anneal_spread: float = 2.0
@@ -271,6 +273,13 @@ class MulticlassRefiner:
         weight = herm / sigma2
         profile = it == 1
         use_prior_pose = opt.local_search_deg > 0 and self.ds.has_alignment
+        step_now = refined_step(state.history, opt.angular_step_deg, opt.finest_step_deg if use_prior_pose else None,
+                                0.5 * self.px)
+        if step_now < opt.angular_step_deg:
+            # the search range shrinks with the step, so an iteration costs the same at every step
+            self.local_range_deg = max(opt.local_search_deg * step_now / opt.angular_step_deg, 2 * step_now)
+            self.local_rot = local_grid(step_now, self.local_range_deg + 1e-6)
+            self.log(f"iteration {it}: local search at {step_now:g} deg within {self.local_range_deg:g} deg")
         # after the class re-alignment, one global search over all classes lets particles that no
         # class's consensus pose fitted (e.g. a closed state's, held in the open class) find their class
         after_realign = not realigning and bool(state.history) and state.history[-1]["stage"] == "class alignment"
@@ -355,6 +364,7 @@ class MulticlassRefiner:
             used.maps = used.half_maps = None
         with large_blocks_returned():
             state = self._maximise(state, bps, new, s2_num, s2_den, r_cur, it, t0, stage)
+        state.history[-1]["angular_step_deg"] = step_now
         release_memory()
         return state
 
@@ -750,6 +760,10 @@ class MulticlassRefiner:
                 and max(state.iteration + 1, self.anneal_end(state) + 1) + self.opt.realign_iterations
                 <= self.opt.iterations):
             return False      # the re-alignment is still to come
+        finest = self.opt.finest_step_deg if self.opt.local_search_deg > 0 and self.ds.has_alignment else None
+        if state.history and refined_step(state.history, self.opt.angular_step_deg, finest, 0.5 * self.px) \
+                < state.history[-1].get("angular_step_deg", self.opt.angular_step_deg):
+            return False      # settled at this step: a finer one comes next
         return self._settled(state.history)
 
     def _settled(self, h: list, change_fraction: float | None = None) -> bool:
@@ -761,39 +775,6 @@ class MulticlassRefiner:
         last, prev = h[-1], h[-2]
         return (prev["stage"] == last["stage"] == "classification" and last["temperature"] == 1.0
                 and last["changed_class_fraction"] <= change_fraction
-                and last["mean_angle_change_deg"] < 0.5 * self.opt.angular_step_deg
+                and last["mean_angle_change_deg"] < 0.5 * last.get("angular_step_deg", self.opt.angular_step_deg)
                 and max(last["resolution_A"]) >= max(prev["resolution_A"]) - 0.5 * self.px)
 
-
-def match_classes(first: list[np.ndarray], second: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
-    """Permutation p such that first[p[j]] is the class of ``first`` that matches second[j].
-
-    Classes are matched by the correlation of their deviations from their set's mean map, within
-    ``mask`` if given (exhaustively for up to 7 classes, greedily beyond). The deviations' inner
-    products are summed in float64 over blocks of voxels: no full-size copies are made.
-    """
-    k = len(first)
-    flat = [np.asarray(m).reshape(-1) for m in list(first) + list(second)]
-    weight = None if mask is None else np.asarray(mask).reshape(-1)
-    gram = np.zeros((2 * k, 2 * k))
-    step = 1 << 16
-    for start in range(0, flat[0].size, step):
-        block = np.stack([f[start:start + step] for f in flat]).astype(np.float64)
-        block[:k] -= block[:k].mean(0)
-        block[k:] -= block[k:].mean(0)
-        if weight is not None:
-            block *= weight[start:start + step]
-        gram += block @ block.T
-    norms = np.sqrt(np.diag(gram)) + 1e-30
-    score = gram[:k, k:] / norms[:k, None] / norms[None, k:]  # score[a, b]: first a vs second b
-    if k <= 7:
-        best = max(itertools.permutations(range(k)), key=lambda p: sum(score[p[j], j] for j in range(k)))
-        return np.array(best)
-    perm = np.full(k, -1)
-    free_a, free_b = set(range(k)), set(range(k))
-    for a, b in sorted(np.ndindex(k, k), key=lambda ab: -score[ab]):
-        if a in free_a and b in free_b:
-            perm[b] = a
-            free_a.discard(a)
-            free_b.discard(b)
-    return perm

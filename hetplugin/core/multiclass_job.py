@@ -1,6 +1,7 @@
 """The ``multiclass`` command: run a multiclass refinement on a STAR file, with resume, and write its results.
 
-Outputs in ``--out``: ``class_NNN.mrc`` (one map per class), ``particles.star``
+Outputs in ``--out``: ``class_NNN.mrc`` (one map per class; ``class_NNN_half1/2.mrc`` its
+half maps), ``particles.star``
 (RELION labels: new alignment, rlnClassNumber, rlnMaxValueProbDistribution,
 rlnLogLikeliContribution, rlnNrOfSignificantSamples, and one posterior column
 per class), ``model.json`` (per-class size, distribution, resolution, FSC) and
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import ParticleDataset
+from .focused import focus_report, focus_warnings
 from .device import resolve_device, set_threads
 from .iterations import classes_unsettled, realignment_moving, suggested_iterations
 from .masks import check_mask
@@ -46,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-step", type=float, default=None, help="origin search step (A; default one pixel)")
     p.add_argument("--local-search", type=float, default=o.local_search_deg,
                    help="if > 0 and the particles have alignment: search only within this many degrees of it")
+    p.add_argument("--finest-step", type=float, default=None,
+                   help="with --local-search on particles with alignment (a refinement): halve the angular step, "
+                        "and the search range with it, each time poses settle, down to this step (deg); "
+                        "default: keep --angular-step")
     p.add_argument("--alignment-iterations", type=int, default=o.alignment_iterations,
                    help="from one reference: iterations that align all particles as one class before the "
                         "classes are split (0: split at once)")
@@ -86,7 +92,7 @@ def options_from_args(a: argparse.Namespace) -> MulticlassOptions:
         alignment_iterations=a.alignment_iterations, realign_iterations=a.realign_iterations,
         realign_lowpass_A=a.realign_lowpass, symmetry=a.symmetry,
         particle_diameter_A=a.particle_diameter, resolution_limit_A=a.resolution_limit,
-        min_class_size=a.min_class_size, seed=a.seed, batch_size=a.batch_size)
+        min_class_size=a.min_class_size, seed=a.seed, batch_size=a.batch_size, finest_step_deg=a.finest_step)
 
 
 def run(a: argparse.Namespace, log=print) -> MulticlassState:
@@ -110,6 +116,11 @@ def run(a: argparse.Namespace, log=print) -> MulticlassState:
         check_mask(mask, a.mask)
         if mask.shape[0] != ds.box:
             raise ValueError(f"{a.mask}: mask box {mask.shape[0]} differs from the particles' box {ds.box}")
+        report = focus_report(refs[0], mask, ds.pixel_size_A)
+        log(f"mask: a region of about {report['mass_kDa']:.0f} kDa of density, {100 * report['signal_fraction']:.0f}% "
+            f"of the reference's signal, centre {report['centre_offset_A']:.0f} A from the box centre")
+        for warning in focus_warnings(report):
+            log(f"WARNING: {warning}")
     out = Path(a.out)
     (out / "state").mkdir(parents=True, exist_ok=True)
     refiner = MulticlassRefiner(ds, opt, mask, log)
@@ -173,6 +184,8 @@ def write_results(out: Path, table, state: MulticlassState, pixel_size_A: float,
     k = opt.n_classes
     for j in range(k):
         write_volume(out / f"class_{j + 1:03d}.mrc", state.maps[j], pixel_size_A)
+        for h in (0, 1):
+            write_volume(out / f"class_{j + 1:03d}_half{h + 1}.mrc", state.half_maps[h][j], pixel_size_A)
     rot, tilt, psi = matrix_to_euler(state.rotations)
     updates = {"rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
                "rlnOriginXAngst": state.origins_px[:, 0] * pixel_size_A,

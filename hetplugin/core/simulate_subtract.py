@@ -16,6 +16,13 @@ other atom in the particle's state, at its pose (rotation A, RELION origin o: a
 factor. Maps (``render`` of the same atoms on the voxel grid) and a soft mask
 around the kept domain are returned with the images; nothing here is used by the
 engine itself, only by tests and benchmarks.
+
+With ``kept_wobble_deg`` the kept domain is also flexible: in each particle it is
+turned about its own centre g by a random rotation R_i (a random axis, an angle
+uniform up to that bound) relative to the rest, so its own pose differs from the
+particle's (the complex's) pose. Its atoms then land where those of the unturned
+domain land at rotation A R_i and origin o - (A (I - R_i) g)[:2]: the truth that a
+focused refinement of the kept region should find.
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ from .fourier import half_plane_coords, irfft2_centered, rfft2_centered
 from .masks import soft_threshold_mask, spherical_mask
 from .mrc import write_volume
 from .rotations import matrix_to_euler, random_rotations
-from .simulate import Phantom, move_domain, random_ctf, render, write_stacks
+from .poses import rotvec_to_matrix
+from .simulate import Phantom, make_phantom, move_domain, random_ctf, render, write_stacks
 from .starfile import new_particle_table, write_particles
 
 
@@ -86,6 +94,20 @@ def make_complex(box: int = 64, seed: int = 0, closed_angle_deg: float = 30.0, n
     ring = np.stack([np.full(8, 9.0 * s), 11.0 * s * np.cos(angles), 11.0 * s * np.sin(angles)], 1)
     micelle = Phantom(ring + np.array([0, 0.5 * s, 0]), np.full(8, 4.0 * s), np.full(8, 3))
     return ComplexModel(box, kept, states, micelle, micelle_amplitude)
+
+
+def make_flexible(box: int = 64, seed: int = 0, n_domains: int = 2, kept_domain: int = 1,
+                  atoms_per_domain: int = 150) -> ComplexModel:
+    """A protein-like particle (:func:`hetplugin.core.simulate.make_phantom`: domains of
+    pseudo-atoms at a C-alpha spacing) whose domain ``kept_domain`` is the region to keep and
+    the other domains the rest; no micelle. With ``kept_wobble_deg`` in
+    :func:`simulate_subtraction` the kept domain is a flexible one: a focused refinement test."""
+    ph = make_phantom(box, np.random.default_rng(seed), n_domains=n_domains, atoms_per_domain=atoms_per_domain)
+    sel = ph.domain == kept_domain
+    kept = Phantom(ph.centres[sel], ph.radii[sel], ph.domain[sel])
+    rest = Phantom(ph.centres[~sel], ph.radii[~sel], ph.domain[~sel])
+    none = Phantom(np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64))
+    return ComplexModel(box, kept, [rest], none, 0.0)
 
 
 def complex_maps(model: ComplexModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,13 +166,16 @@ class SubtractionTruth:
     maps: np.ndarray            # (K, D, D, D) full map per state
     mask: np.ndarray            # (D, D, D) soft mask of the kept domain
     model: ComplexModel
+    kept_rotations: np.ndarray | None = None   # (N, 3, 3) the kept domain's own pose (with a wobble)
+    kept_origins_px: np.ndarray | None = None  # (N, 2) and origin
     paths: dict = field(default_factory=dict)
 
 
 def simulate_subtraction(out_dir: str | Path, n_particles: int = 300, box: int = 64, pixel_size_A: float = 2.0,
                          snr: float | None = 0.1, seed: int = 0, n_states: int = 1, closed_fraction: float = 0.3,
                          contrast_sd: float = 0.0, max_origin_px: float = 3.0, stack_size: int = 1000,
-                         write_class_numbers: bool = False, batch_size: int = 256) -> SubtractionTruth:
+                         write_class_numbers: bool = False, batch_size: int = 256,
+                         kept_wobble_deg: float = 0.0, model: ComplexModel | None = None) -> SubtractionTruth:
     """Images of the complex of :func:`make_complex` with the truth split into kept and rest.
 
     ``snr`` (variance of the clean images inside the particle disc over the noise variance;
@@ -164,7 +189,10 @@ def simulate_subtraction(out_dir: str | Path, n_particles: int = 300, box: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    model = make_complex(box, seed, n_states=n_states)
+    if model is None:
+        model = make_complex(box, seed, n_states=n_states)
+    elif model.box != box or model.n_states != n_states:
+        raise ValueError(f"the model has box {model.box} and {model.n_states} state(s), not {box} and {n_states}")
     kept_map, rest_maps, maps = complex_maps(model)
     mask = kept_mask(model)
     states = (rng.random(n_particles) < closed_fraction).astype(np.int64) if n_states == 2 \
@@ -174,12 +202,13 @@ def simulate_subtraction(out_dir: str | Path, n_particles: int = 300, box: int =
     ctfp = random_ctf(n_particles, rng)
     contrast = np.clip(1.0 + contrast_sd * rng.standard_normal(n_particles), 0.3, 1.7) if contrast_sd > 0 \
         else np.ones(n_particles)
+    kept_rots, kept_origins = kept_poses(model, rots, origins, kept_wobble_deg, rng)
     kept = np.zeros((n_particles, box, box), np.float32)
     rest = np.zeros_like(kept)
     for b in range(0, n_particles, batch_size):
         rows = np.arange(b, min(b + batch_size, n_particles))
         c = torch.as_tensor(contrast[rows])[:, None, None]
-        k_img = project_atoms(model.kept, rots[rows], origins[rows], box)
+        k_img = project_atoms(model.kept, kept_rots[rows], kept_origins[rows], box)
         r_img = project_atoms(model.micelle, rots[rows], origins[rows], box, model.micelle_amplitude)
         for s in range(model.n_states):
             sel = states[rows] == s
@@ -216,4 +245,20 @@ def simulate_subtraction(out_dir: str | Path, n_particles: int = 300, box: int =
         files[f"state_{s + 1}"] = out / f"map_state_{s + 1}.mrc"
         write_volume(files[f"state_{s + 1}"], maps[s], pixel_size_A)
     return SubtractionTruth(star, kept, rest, noise, contrast, states, rots, origins, kept_map, maps, mask, model,
-                            files)
+                            kept_rotations=kept_rots, kept_origins_px=kept_origins, paths=files)
+
+
+def kept_poses(model: ComplexModel, rotations: np.ndarray, origins_px: np.ndarray, wobble_deg: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The kept domain's own poses (rotation (N, 3, 3), origin (N, 2) px) when it is turned in each
+    particle about its centre g by a random rotation R_i of up to ``wobble_deg``: A R_i and
+    o - (A (I - R_i) g)[:2]. Without a wobble, the particles' poses."""
+    if wobble_deg <= 0:
+        return rotations, origins_px
+    n = len(rotations)
+    axes = rng.normal(size=(n, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    turn = rotvec_to_matrix(axes * np.radians(rng.uniform(0.0, wobble_deg, n))[:, None])
+    g = model.kept.centres.mean(0)
+    moved = np.einsum("nij,nj->ni", rotations, g - np.einsum("nij,j->ni", turn, g))
+    return np.einsum("nij,njk->nik", rotations, turn), origins_px - moved[:, :2]

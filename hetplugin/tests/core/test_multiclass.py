@@ -330,7 +330,7 @@ def test_match_classes_finds_the_permutation_of_noisy_half_maps():
     """The halves' classes are matched by their deviations from the mean map (within the mask),
     not by the shared consensus: the classes here differ by 3% of the maps' norm."""
     from hetplugin.core.masks import spherical_mask
-    from hetplugin.core.multiclass import match_classes
+    from hetplugin.core.fit import match_classes
 
     rng = np.random.default_rng(5)
     box = 24
