@@ -1,4 +1,4 @@
-"""hetplugin protocols (in development): ProtMulticlassRefine, ProtFocusedRefine,
+"""hetplugin protocols: ProtMulticlassRefine, ProtFocusedRefine,
 ProtSignalSubtract. Each is thin: declare params, convert inputs with
 ``hetplugin.convert``, run ``python -m hetplugin.core`` with ``runJob``, register outputs.
 
@@ -9,6 +9,7 @@ the names exported here: export every new protocol class.
 from .protocol_base import ProtHetBase
 from .protocol_multiclass import ProtMulticlassRefine, MulticlassOutputs
 from .protocol_subtract import ProtSignalSubtract, SubtractOutputs
+from .protocol_focused import ProtFocusedRefine, FocusedOutputs
 
 __all__ = ['ProtHetBase', 'ProtMulticlassRefine', 'MulticlassOutputs',
-           'ProtSignalSubtract', 'SubtractOutputs']
+           'ProtSignalSubtract', 'SubtractOutputs', 'ProtFocusedRefine', 'FocusedOutputs']

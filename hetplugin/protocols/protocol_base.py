@@ -460,6 +460,11 @@ class ProtHetBase(EMProtocol):
             return [str(exc)]
         return []
 
+    @staticmethod
+    def _positiveOrNone(value):
+        """A form value for a core option whose default is "not given" (-1 or 0 on the form)."""
+        return value if value is not None and value > 0 else None
+
     # --------------------------- INFO helpers --------------------------------
     def _readJson(self, key):
         """A JSON working file by template key, or None when absent/unreadable."""

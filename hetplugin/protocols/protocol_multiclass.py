@@ -449,10 +449,6 @@ class ProtMulticlassRefine(ProtHetBase):
                            'mask': None if mask is None else mask.getObjId(),
                            'alignment': self._useAlignment()})
 
-    @staticmethod
-    def _positiveOrNone(value):
-        return value if value is not None and value > 0 else None
-
     def _coreOptions(self):
         """Options of ``python -m hetplugin.core multiclass`` (CLI names, underscores)."""
         nRefs = len(self._referenceVolumes())

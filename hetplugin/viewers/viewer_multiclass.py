@@ -8,7 +8,7 @@
 # * (at your option) any later version.
 # *
 # **************************************************************************
-"""Results of ``ProtMulticlassRefine``: convergence plots and class maps.
+"""Results of ``ProtMulticlassRefine`` and ``ProtFocusedRefine``: convergence plots and maps.
 
 Only reads what the core wrote (``history.json``: one entry per iteration;
 ``model.json``: per-class size, resolution and FSC); computes no science.
@@ -29,7 +29,7 @@ import pyworkflow.protocol.params as params
 import pyworkflow.viewer as pwviewer
 from pwem.viewers import ChimeraViewer, DataViewer, EmPlotter, EmProtocolViewer
 
-from hetplugin.protocols import ProtMulticlassRefine
+from hetplugin.protocols import ProtFocusedRefine, ProtMulticlassRefine
 
 FSC_THRESHOLD = 0.143
 
@@ -215,6 +215,9 @@ class MulticlassViewer(EmProtocolViewer):
         form.addParam('showVolumes', params.LabelParam,
                       label='Show class maps',
                       help='Open outputVolumes, one map per class.')
+        self._defineConvergenceParams(form)
+
+    def _defineConvergenceParams(self, form):
         group = form.addGroup('Convergence')
         for name, (title, _x, _y, _f) in PLOTS.items():
             group.addParam('plot_' + name, params.LabelParam, label='Plot: %s' % title.lower(),
@@ -224,9 +227,10 @@ class MulticlassViewer(EmProtocolViewer):
                        help='Every convergence plot and the FSC curves together.')
 
     def _getVisualizeDict(self):
-        visualize = {'showClasses3D': self._showClasses,
-                     'showVolumes': self._showVolumes,
-                     'plotAll': self._plotAll}
+        return dict(self._convergenceViews(), showClasses3D=self._showClasses, showVolumes=self._showVolumes)
+
+    def _convergenceViews(self):
+        visualize = {'plotAll': self._plotAll}
         for name in PLOTS:
             visualize['plot_' + name] = self._plotOne
         return visualize
@@ -275,8 +279,36 @@ class MulticlassViewer(EmProtocolViewer):
         return [plotter]
 
 
+class FocusedViewer(MulticlassViewer):
+    """The refined map and the convergence plots (resolution, orientation change, FSC, ...) of a
+    focused refinement: a multiclass run of one class."""
+    _label = 'viewer focused refinement'
+    _targets = [ProtFocusedRefine]
+
+    def _defineParams(self, form):
+        form.addSection(label='Results')
+        form.addParam('displayVol', params.EnumParam, choices=['slices', 'chimerax'],
+                      default=VOLUME_SLICES, display=params.EnumParam.DISPLAY_HLIST,
+                      label='Display the map with',
+                      help='*slices*: the map as 2D slices (pwem\'s data viewer). '
+                           '*chimerax*: the map as a surface in ChimeraX (if installed).')
+        form.addParam('showVolume', params.LabelParam, label='Show the refined map',
+                      help='Open outputVolume (its half maps are registered with it).')
+        self._defineConvergenceParams(form)
+
+    def _getVisualizeDict(self):
+        return dict(self._convergenceViews(), showVolume=self._showVolume)
+
+    def _showVolume(self, paramName=None):
+        volume, errors = self._output('outputVolume')
+        if errors:
+            return errors
+        viewerClass = ChimeraViewer if self.displayVol.get() == VOLUME_CHIMERA else DataViewer
+        return viewerClass(project=self.getProject(), protocol=self.protocol)._visualize(volume)
+
+
 def render_protocol_plots(protocol, png_path=None):
-    """PNG of a finished (or running) ProtMulticlassRefine run's plots; default
+    """PNG of a finished (or running) ProtMulticlassRefine or ProtFocusedRefine run's plots; default
     ``extra/plots.png``. Returns the path."""
     png_path = png_path or os.path.join(os.path.dirname(protocol.getOutputFile('model')), 'plots.png')
     return render_multiclass_plots(protocol.getOutputFile('history'), protocol.getOutputFile('model'),
