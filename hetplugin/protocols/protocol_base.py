@@ -152,6 +152,67 @@ class ProtHetBase(EMProtocol):
                            'Only for data with very low defocus or strong low-resolution '
                            'artefacts; usually No.')
 
+    # the refinement protocols' (multiclass, focused) shared params and core options
+    def _defineSymmetryParam(self, form, what, advice=''):
+        form.addParam('symmetryGroup', params.StringParam, default='C1',
+                      label='Symmetry',
+                      help='Point group of %s: C1 (none), Cn, Dn, T, O or I (RELION conventions).%s'
+                           % (what, advice))
+
+    def _defineRegularisationParam(self, form, advice=''):
+        form.addParam('regularisationParamT', params.FloatParam, default=4.0,
+                      label='Regularisation parameter T',
+                      help='Weight of the data relative to the smoothness prior (tau2 fudge): '
+                           'higher values trust the data more and give sharper, noisier maps.%s' % advice)
+
+    def _defineEStepLimitParam(self, form, what):
+        form.addParam('limitResolEStep', params.FloatParam, default=-1,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label='Limit resolution E-step to (A)',
+                      help='Never use frequencies beyond this resolution to %s (avoids over-fitting '
+                           'noise). -1: no limit.' % what)
+
+    def _defineOffsetParams(self, form):
+        form.addParam('offsetSearchRangeA', params.FloatParam, default=-1,
+                      label='Offset search range (A)',
+                      help='Translations are searched within this range (Angstrom) around the '
+                           'current origin. -1: 5 pixels.')
+        form.addParam('offsetSearchStepA', params.FloatParam, default=-1,
+                      label='Offset search step (A)',
+                      help='Step of the translation search, in Angstrom. -1: one pixel.')
+
+    def _defineBatchParam(self, form):
+        form.addParam('batchSize', params.IntParam, default=64,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label='Particles per batch',
+                      help='At most this many particles are scored together in the E-step. On '
+                           'the CPU batches are made smaller where the pose search is large, so '
+                           'that memory stays bounded; on a GPU this is the batch (lower it if '
+                           'the GPU runs out of memory).')
+
+    def _refinementOptions(self):
+        """The core ``multiclass`` options that both refinement protocols set from the same params."""
+        return {
+            'particles': self._getFileName('input_particles'),
+            'out': self._getExtraPath(),
+            'initial_lowpass': self.initialLowPassFilterA.get(),
+            'tau2_fudge': self.regularisationParamT.get(),
+            'angular_step': self.angularSamplingDeg.get(),
+            'offset_range': self._positiveOrNone(self.offsetSearchRangeA.get()),
+            'offset_step': self._positiveOrNone(self.offsetSearchStepA.get()),
+            'symmetry': self.symmetryGroup.get(),
+            'resolution_limit': self._positiveOrNone(self.limitResolEStep.get()),
+            'no_ctf': not self.doCTF.get(),
+            'ctf_intact_first_peak': bool(self.doCTF.get() and self.ignoreCTFUntilFirstPeak.get()),
+            'seed': self.randomSeed.get(),
+            'batch_size': self.batchSize.get(),
+        }
+
+    def _validatePositive(self, named):
+        """'The <label> must be positive.' for each (param name, label) whose value is not."""
+        return ['The %s must be positive.' % label for name, label in named
+                if not getattr(self, name).get() or getattr(self, name).get() <= 0]
+
     # --------------------------- working files --------------------------------
     def _baseFilenameTemplates(self):
         """Files every hetplugin protocol has, in ``extra/``."""

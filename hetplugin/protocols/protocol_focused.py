@@ -71,10 +71,7 @@ class ProtFocusedRefine(ProtHetBase):
                            'the region to refine. Poses are estimated against the map inside it. '
                            'Give the mask a soft edge of a few pixels and a margin around the '
                            'density: the region may move a little.')
-        form.addParam('symmetryGroup', params.StringParam, default='C1',
-                      label='Symmetry',
-                      help='Point group of the region: C1 (none), Cn, Dn, T, O or I (RELION '
-                           'conventions).')
+        self._defineSymmetryParam(form, 'the region')
 
         form.addSection(label='CTF')
         self._defineCtfParams(form)
@@ -92,15 +89,8 @@ class ProtFocusedRefine(ProtHetBase):
                            'the resolution. The particles\' poses are already close: start where '
                            'the region has shape enough to orient it (10-20 A). Too coarse a start '
                            'lets poses wander in the first iterations.')
-        form.addParam('regularisationParamT', params.FloatParam, default=4.0,
-                      label='Regularisation parameter T',
-                      help='Weight of the data relative to the smoothness prior (tau2 fudge): '
-                           'higher values trust the data more and give sharper, noisier maps.')
-        form.addParam('limitResolEStep', params.FloatParam, default=-1,
-                      expertLevel=params.LEVEL_ADVANCED,
-                      label='Limit resolution E-step to (A)',
-                      help='Never use frequencies beyond this resolution to estimate poses '
-                           '(avoids over-fitting noise). -1: no limit.')
+        self._defineRegularisationParam(form)
+        self._defineEStepLimitParam(form, 'estimate poses')
         self._defineSeedParam(form)
 
         form.addSection(label='Sampling')
@@ -124,20 +114,8 @@ class ProtFocusedRefine(ProtHetBase):
                            'map can tell). -1: keep the angular sampling. On a 20 kDa test domain at 5 A, '
                            'refining 3 -> 0.75 deg improved the median pose error by 0.3 deg for twice the '
                            'time.')
-        form.addParam('offsetSearchRangeA', params.FloatParam, default=-1,
-                      label='Offset search range (A)',
-                      help='Translations are searched within this range (Angstrom) around the '
-                           'current origin. -1: 5 pixels.')
-        form.addParam('offsetSearchStepA', params.FloatParam, default=-1,
-                      label='Offset search step (A)',
-                      help='Step of the translation search, in Angstrom. -1: one pixel.')
-        form.addParam('batchSize', params.IntParam, default=64,
-                      expertLevel=params.LEVEL_ADVANCED,
-                      label='Particles per batch',
-                      help='At most this many particles are scored together. On the CPU batches '
-                           'are made smaller where the search is large, so that memory stays '
-                           'bounded; on a GPU this is the batch (lower it if the GPU runs out of '
-                           'memory).')
+        self._defineOffsetParams(form)
+        self._defineBatchParam(form)
         self._defineComputeParams(form)
 
     # --------------------------- working files --------------------------------
@@ -211,12 +189,10 @@ class ProtFocusedRefine(ProtHetBase):
         errors += self._validateSymmetry(self.symmetryGroup.get())
         if not self.numberOfIterations.get() or self.numberOfIterations.get() < 1:
             errors.append('The number of iterations must be at least 1.')
-        for name, label in (('angularSamplingDeg', 'angular sampling'),
-                            ('localSearchRangeDeg', 'local angular search range'),
-                            ('initialLowPassFilterA', 'initial low-pass filter'),
-                            ('regularisationParamT', 'regularisation parameter T')):
-            if not getattr(self, name).get() or getattr(self, name).get() <= 0:
-                errors.append('The %s must be positive.' % label)
+        errors += self._validatePositive((('angularSamplingDeg', 'angular sampling'),
+                                          ('localSearchRangeDeg', 'local angular search range'),
+                                          ('initialLowPassFilterA', 'initial low-pass filter'),
+                                          ('regularisationParamT', 'regularisation parameter T')))
         if (self.localSearchRangeDeg.get() or 0) > 0 and (self.angularSamplingDeg.get() or 0) > 0 \
                 and self.localSearchRangeDeg.get() < self.angularSamplingDeg.get():
             errors.append('The local search range (%g deg) is smaller than the angular sampling (%g deg): '
@@ -301,29 +277,16 @@ class ProtFocusedRefine(ProtHetBase):
 
     def _coreOptions(self):
         """Options of ``python -m hetplugin.core multiclass`` for one masked class, local search."""
-        options = {
-            'particles': self._getFileName('input_particles'),
+        options = dict(self._refinementOptions(), **{
             'reference': [self._getFileName('input_reference', ref=1)],
             'mask': self._getFileName('input_mask'),
-            'out': self._getExtraPath(),
             'classes': 1,
             'iterations': self.numberOfIterations.get(),
-            'initial_lowpass': self.initialLowPassFilterA.get(),
-            'tau2_fudge': self.regularisationParamT.get(),
-            'angular_step': self.angularSamplingDeg.get(),
-            'offset_range': self._positiveOrNone(self.offsetSearchRangeA.get()),
-            'offset_step': self._positiveOrNone(self.offsetSearchStepA.get()),
             'local_search': self.localSearchRangeDeg.get(),
             'finest_step': self._positiveOrNone(self.finestSamplingDeg.get()),
             'global_iterations': 0,
             'alignment_iterations': 0,
             'realign_iterations': 0,
-            'symmetry': self.symmetryGroup.get(),
-            'resolution_limit': self._positiveOrNone(self.limitResolEStep.get()),
             'min_class_size': 1,
-            'no_ctf': not self.doCTF.get(),
-            'ctf_intact_first_peak': bool(self.doCTF.get() and self.ignoreCTFUntilFirstPeak.get()),
-            'seed': self.randomSeed.get(),
-            'batch_size': self.batchSize.get(),
-        }
+        })
         return {key: value for key, value in options.items() if value is not None}

@@ -93,10 +93,7 @@ class ProtMulticlassRefine(ProtHetBase):
                       label='Particle diameter (A)',
                       help='Diameter of the soft spherical mask around the particle, in '
                            'Angstrom. -1: 80% of the box.')
-        form.addParam('symmetryGroup', params.StringParam, default='C1',
-                      label='Symmetry',
-                      help='Point group of every class: C1 (none), Cn, Dn, T, O or I '
-                           '(RELION conventions). Classification is usually done in C1.')
+        self._defineSymmetryParam(form, 'every class', ' Classification is usually done in C1.')
 
         form.addSection(label='CTF')
         self._defineCtfParams(form)
@@ -148,22 +145,14 @@ class ProtMulticlassRefine(ProtHetBase):
                       help='The reference(s) are low-pass filtered to this resolution before '
                            'the first iteration, to avoid bias from its high-resolution '
                            'details. 30-60 A is typical.')
-        form.addParam('regularisationParamT', params.FloatParam, default=4.0,
-                      label='Regularisation parameter T',
-                      help='Weight of the data relative to the smoothness prior (tau2 fudge): '
-                           'higher values trust the data more and give sharper, noisier maps. '
-                           'RELION uses 4 for 3D classification.')
+        self._defineRegularisationParam(form, ' RELION uses 4 for 3D classification.')
         form.addParam('minClassSize', params.IntParam, default=20,
                       expertLevel=params.LEVEL_ADVANCED,
                       label='Minimum class size (particles)',
                       help='Classes with fewer particles are flagged as unreliable (their maps '
                            'over-fit noise). K times this size must not exceed the number of '
                            'particles.')
-        form.addParam('limitResolEStep', params.FloatParam, default=-1,
-                      expertLevel=params.LEVEL_ADVANCED,
-                      label='Limit resolution E-step to (A)',
-                      help='Never use frequencies beyond this resolution to assign poses and '
-                           'classes (avoids over-fitting). -1: no limit.')
+        self._defineEStepLimitParam(form, 'assign poses and classes')
         self._defineSeedParam(form)
 
         form.addSection(label='Sampling')
@@ -171,13 +160,7 @@ class ProtMulticlassRefine(ProtHetBase):
                       label='Angular sampling (deg)',
                       help='Fine angular step of the pose search. The global search first '
                            'uses twice this step, then refines the best poses at this step.')
-        form.addParam('offsetSearchRangeA', params.FloatParam, default=-1,
-                      label='Offset search range (A)',
-                      help='Translations are searched within this range (Angstrom) around the '
-                           'current origin. -1: 10% of the box.')
-        form.addParam('offsetSearchStepA', params.FloatParam, default=-1,
-                      label='Offset search step (A)',
-                      help='Step of the translation search, in Angstrom. -1: one pixel.')
+        self._defineOffsetParams(form)
         form.addParam('doLocalSearch', params.BooleanParam, default=False,
                       label='Local angular search?',
                       help='Search only around the particles\' current alignment (much '
@@ -195,13 +178,7 @@ class ProtMulticlassRefine(ProtHetBase):
                            'alignment): iterations with a global pose search; later iterations '
                            'search locally around the current poses.')
 
-        form.addParam('batchSize', params.IntParam, default=64,
-                      expertLevel=params.LEVEL_ADVANCED,
-                      label='Particles per batch',
-                      help='At most this many particles are scored together in the E-step. On '
-                           'the CPU batches are made smaller where the pose search is large, so '
-                           'that memory stays bounded; on a GPU this is the batch (lower it if '
-                           'the GPU runs out of memory).')
+        self._defineBatchParam(form)
         self._defineComputeParams(form)
 
     # --------------------------- working files --------------------------------
@@ -309,12 +286,10 @@ class ProtMulticlassRefine(ProtHetBase):
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 0:
             errors.append('The number of iterations cannot be negative (0 gives the default: 25 for '
                           'two classes, 5 more per further class).')
-        for name, label in (('angularSamplingDeg', 'angular sampling'),
-                            ('initialLowPassFilterA', 'initial low-pass filter'),
-                            ('realignLowPassFilterA', 're-alignment low-pass filter'),
-                            ('regularisationParamT', 'regularisation parameter T')):
-            if not getattr(self, name).get() or getattr(self, name).get() <= 0:
-                errors.append('The %s must be positive.' % label)
+        errors += self._validatePositive((('angularSamplingDeg', 'angular sampling'),
+                                          ('initialLowPassFilterA', 'initial low-pass filter'),
+                                          ('realignLowPassFilterA', 're-alignment low-pass filter'),
+                                          ('regularisationParamT', 'regularisation parameter T')))
         return errors
 
     def _warnings(self):
@@ -452,32 +427,19 @@ class ProtMulticlassRefine(ProtHetBase):
     def _coreOptions(self):
         """Options of ``python -m hetplugin.core multiclass`` (CLI names, underscores)."""
         nRefs = len(self._referenceVolumes())
-        options = {
-            'particles': self._getFileName('input_particles'),
+        options = dict(self._refinementOptions(), **{
             'reference': [self._getFileName('input_reference', ref=i) for i in range(1, nRefs + 1)],
-            'out': self._getExtraPath(),
             'classes': self.numberOfClasses.get(),
             'iterations': self._iterations(),
-            'initial_lowpass': self.initialLowPassFilterA.get(),
-            'tau2_fudge': self.regularisationParamT.get(),
-            'angular_step': self.angularSamplingDeg.get(),
-            'offset_range': self._positiveOrNone(self.offsetSearchRangeA.get()),
-            'offset_step': self._positiveOrNone(self.offsetSearchStepA.get()),
             'local_search': self.localSearchRangeDeg.get() if self._useLocalSearch() else 0.0,
             'global_iterations': self.globalIterations.get(),
             'alignment_iterations': self.alignmentIterations.get(),
             'realign_iterations': self.realignIterations.get(),
             'realign_lowpass': self.realignLowPassFilterA.get(),
-            'symmetry': self.symmetryGroup.get(),
             'particle_diameter': self._positiveOrNone(self.maskDiameterA.get()),
             'mask': self._getFileName('input_mask') if self.referenceMask.get() is not None else None,
-            'resolution_limit': self._positiveOrNone(self.limitResolEStep.get()),
             'min_class_size': self.minClassSize.get(),
-            'no_ctf': not self.doCTF.get(),
-            'ctf_intact_first_peak': bool(self.doCTF.get() and self.ignoreCTFUntilFirstPeak.get()),
-            'seed': self.randomSeed.get(),
-            'batch_size': self.batchSize.get(),
-        }
+        })
         return {key: value for key, value in options.items() if value is not None}
 
     def _neededAngularStep(self):

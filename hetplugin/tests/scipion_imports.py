@@ -1,6 +1,7 @@
 """Import protocols shared by the Scipion integration tests (no mocks: real import runs).
 
-Mix ``ImportHelpers`` into a ``pyworkflow.tests.BaseTest`` class and set ``pixelSize``.
+Mix ``ImportHelpers`` into a ``pyworkflow.tests.BaseTest`` class and set ``pixelSize``; it
+also gives ``assertMessage`` for the forms' validation and warning messages.
 """
 import os
 
@@ -35,3 +36,7 @@ class ImportHelpers:
     @classmethod
     def importMask(cls, path, label):
         return cls._launchImport(ProtImportMask, label, maskPath=path)
+
+    def assertMessage(self, messages, text):
+        """One of ``messages`` (e.g. from ``validate()``) contains ``text``."""
+        self.assertTrue(any(text in m for m in messages), '%r not in %r' % (text, messages))

@@ -24,7 +24,7 @@ from pwem.protocols import ProtImportParticles
 from hetplugin.tests.scipion_imports import ImportHelpers
 from hetplugin.convert import star_to_particle_set
 from hetplugin.core.mrc import write_volume
-from hetplugin.core.rotations import angular_distance_deg, euler_to_matrix
+from hetplugin.core.rotations import angular_distance_deg
 from hetplugin.core.simulate_subtract import make_flexible, simulate_subtraction
 from hetplugin.protocols import ProtFocusedRefine, ProtSignalSubtract
 
@@ -100,9 +100,6 @@ class TestFocusedRefine(ImportHelpers, BaseTest):
             cls.launchProtocol(prot)
             cls.protFocused = prot
         return cls.protFocused
-
-    def assertMessage(self, messages, text):
-        self.assertTrue(any(text in m for m in messages), '%r not in %r' % (text, messages))
 
     # ---------------------------------------------------------------- tests
     def test_1_outputs(self):

@@ -311,9 +311,6 @@ class TestMulticlassValidation(_ProjectTest):
         cls.protBadMask = cls.newProtocol(ProtImportMask, maskPath=badMask, samplingRate=PIXEL)
         cls.launchProtocol(cls.protBadMask)
 
-    def assertMessage(self, messages, text):
-        self.assertTrue(any(text in m for m in messages), '%r not in %s' % (text, messages))
-
     def test_valid(self):
         prot = self.newMulticlass(self.protParticles, self.protVolume, minClassSize=10)
         self.assertEqual(prot.validate(), [])

@@ -94,9 +94,6 @@ class TestSignalSubtract(ImportHelpers, BaseTest):
             cls.protSubtract = prot
         return cls.protSubtract
 
-    def assertMessage(self, messages, text):
-        self.assertTrue(any(text in m for m in messages), '%r not in %r' % (text, messages))
-
     # ---------------------------------------------------------------- tests
     def test_1_subtract_recentre_reconstruct(self):
         prot = self.subtracted()
