@@ -5,7 +5,19 @@ also gives ``assertMessage`` for the forms' validation and warning messages.
 """
 import os
 
+from pwem.objects import SetOfParticles
 from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
+
+
+def star_to_sqlite(star, sqlite):
+    """A core STAR file of particles written as a Scipion SetOfParticles sqlite (with its CTF and
+    alignment), for ``ImportHelpers.importParticles``; returns ``sqlite``."""
+    from hetplugin.convert import star_to_particle_set
+    parts = SetOfParticles(filename=sqlite)
+    star_to_particle_set(star, parts)
+    parts.write()
+    parts.close()
+    return sqlite
 
 
 class ImportHelpers:

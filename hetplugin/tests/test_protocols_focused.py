@@ -18,11 +18,9 @@ import numpy as np
 
 from pyworkflow.object import RELATION_SOURCE, RELATION_TRANSFORM
 from pyworkflow.tests import BaseTest, setupTestProject
-from pwem.objects import SetOfParticles
 from pwem.protocols import ProtImportParticles
 
-from hetplugin.tests.scipion_imports import ImportHelpers
-from hetplugin.convert import star_to_particle_set
+from hetplugin.tests.scipion_imports import ImportHelpers, star_to_sqlite
 from hetplugin.core.mrc import write_volume
 from hetplugin.core.rotations import angular_distance_deg
 from hetplugin.core.simulate_subtract import make_flexible, simulate_subtraction
@@ -30,14 +28,6 @@ from hetplugin.protocols import ProtFocusedRefine, ProtSignalSubtract
 
 N_PARTICLES, BOX, PIXEL = 400, 40, 3.2
 THREADS = max(1, min(2, os.cpu_count() or 1))
-
-
-def to_sqlite(star, sqlite):
-    parts = SetOfParticles(filename=sqlite)
-    star_to_particle_set(star, parts)
-    parts.write()
-    parts.close()
-    return sqlite
 
 
 def rotations_of(particles):
@@ -60,7 +50,7 @@ class TestFocusedRefine(ImportHelpers, BaseTest):
         cls.truth = simulate_subtraction(folder, n_particles=N_PARTICLES, box=BOX, pixel_size_A=PIXEL, snr=5.0,
                                          seed=2, kept_wobble_deg=20.0,
                                          model=make_flexible(BOX, seed=2, atoms_per_domain=300))
-        cls.protParticles = cls.importParticles(to_sqlite(cls.truth.star, os.path.join(folder, 'p.sqlite')),
+        cls.protParticles = cls.importParticles(star_to_sqlite(cls.truth.star, os.path.join(folder, 'p.sqlite')),
                                                 'simulated particles')
         cls.protMap = cls.importVolume(str(cls.truth.paths['consensus']), 'consensus map')
         cls.protMask = cls.importMask(str(cls.truth.paths['mask']), 'domain mask')

@@ -23,12 +23,10 @@ import numpy as np
 
 from pyworkflow.object import Pointer
 from pyworkflow.tests import BaseTest, setupTestProject
-from pwem.objects import SetOfParticles
 from pwem.protocols import (ProtImportMask, ProtImportParticles,
                             ProtSubSet)
 
-from hetplugin.tests.scipion_imports import ImportHelpers
-from hetplugin.convert import star_to_particle_set
+from hetplugin.tests.scipion_imports import ImportHelpers, star_to_sqlite
 from hetplugin.core.simulate import simulate
 from hetplugin.core.starfile import read_particles
 from hetplugin.protocols import ProtMulticlassRefine
@@ -55,11 +53,7 @@ def simulate_set(folder, n_particles, seed, with_alignment=True, box=BOX):
     summary = simulate(folder, n_particles=n_particles, n_classes=2, box=box, pixel_size_A=PIXEL,
                        snr=1.0, seed=seed, heterogeneity='removal',
                        with_alignment=with_alignment, log=_quiet)
-    sqlite = os.path.join(folder, 'particles.sqlite')
-    parts = SetOfParticles(filename=sqlite)
-    star_to_particle_set(os.path.join(folder, 'particles.star'), parts)
-    parts.write()
-    parts.close()
+    sqlite = star_to_sqlite(os.path.join(folder, 'particles.star'), os.path.join(folder, 'particles.sqlite'))
     truth = np.asarray(read_particles(os.path.join(folder, 'truth_particles.star')).class_number)
     return sqlite, truth, summary
 

@@ -21,8 +21,8 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticles, SetOfVolumes, Volume, VolumeMask
 
 from hetplugin.tests.core.maps import corr, lowpass_sharp, shifted_truth
-from hetplugin.tests.scipion_imports import ImportHelpers
-from hetplugin.convert import star_to_particle_set, write_particles_star
+from hetplugin.tests.scipion_imports import ImportHelpers, star_to_sqlite
+from hetplugin.convert import write_particles_star
 from hetplugin.core.dataset import ParticleDataset
 from hetplugin.core.masks import spherical_mask
 from hetplugin.core.mrc import StackReader, write_volume
@@ -32,14 +32,6 @@ from hetplugin.core.starfile import read_particles, read_star, write_star
 from hetplugin.protocols.protocol_subtract import ProtSignalSubtract
 
 N_PARTICLES, BOX, NEW_BOX, PIXEL = 160, 48, 36, 3.0
-
-
-def to_sqlite(star, sqlite):
-    parts = SetOfParticles(filename=sqlite)
-    star_to_particle_set(star, parts)
-    parts.write()
-    parts.close()
-    return sqlite
 
 
 def open_set(sqlite):
@@ -59,7 +51,7 @@ class TestSignalSubtract(ImportHelpers, BaseTest):
         folder = cls.proj.getPath('sim')
         cls.truth = simulate_subtraction(folder, n_particles=N_PARTICLES, box=BOX, pixel_size_A=PIXEL, snr=None,
                                          seed=21, n_states=2, closed_fraction=0.3, write_class_numbers=True)
-        cls.protParticles = cls.importParticles(to_sqlite(cls.truth.star, os.path.join(folder, 'p.sqlite')),
+        cls.protParticles = cls.importParticles(star_to_sqlite(cls.truth.star, os.path.join(folder, 'p.sqlite')),
                                                 'simulated particles')
         weights = np.bincount(cls.truth.states, minlength=2) / N_PARTICLES
         write_volume(os.path.join(folder, 'consensus_exact.mrc'), np.tensordot(weights, cls.truth.maps, 1), PIXEL)
@@ -232,7 +224,7 @@ class TestSignalSubtract(ImportHelpers, BaseTest):
                       'rlnPhaseShift'):
             blocks['particles'].pop(label, None)
         write_star(os.path.join(folder, 'no_ctf.star'), blocks)
-        noCtf = open_set(to_sqlite(os.path.join(folder, 'no_ctf.star'), os.path.join(folder, 'no_ctf.sqlite')))
+        noCtf = open_set(star_to_sqlite(os.path.join(folder, 'no_ctf.star'), os.path.join(folder, 'no_ctf.sqlite')))
         self.assertTrue(noCtf.hasAlignmentProj() and not noCtf.hasCTF())
         prot = self.newSubtract()
         prot.inputParticles.set(noCtf)
@@ -252,7 +244,7 @@ class TestSignalSubtract(ImportHelpers, BaseTest):
         blocks = read_star(self.truth.star)
         del blocks['particles']['rlnClassNumber']
         write_star(os.path.join(folder, 'no_class.star'), blocks)
-        noClass = open_set(to_sqlite(os.path.join(folder, 'no_class.star'), os.path.join(folder, 'no_class.sqlite')))
+        noClass = open_set(star_to_sqlite(os.path.join(folder, 'no_class.star'), os.path.join(folder, 'no_class.sqlite')))
         self.assertTrue(noClass.hasCTF() and noClass.hasAlignmentProj())
         prot.inputParticles.set(noClass)
         self.assertMessage(prot.validate(), 'needs particles with class ids')
