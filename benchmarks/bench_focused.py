@@ -106,7 +106,7 @@ def main() -> None:
                   str(sim / "mask_keep.mrc"), "--classes", "1", "--min-class-size", "1", "--local-search",
                   str(a.local_search), "--angular-step", str(a.angular_step), "--initial-lowpass", str(a.lowpass),
                   "--iterations", str(a.iterations), "--out", str(ours), "--threads", str(a.threads), "--seed",
-                  str(a.seed), "--device", a.device]
+                  str(a.seed), "--device", a.device, "--final-reconstruction"]
     if a.finest_step:
         cmd += ["--finest-step", str(a.finest_step)]
     t_ours, m_ours = timed(cmd, work, work / "ours.log")

@@ -11,10 +11,10 @@ from . import multiclass_job
 from . import subtract as subtract_job
 from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
-from .fsc import fsc, fsc_to_snr, resolution_at
+from .fsc import fsc, resolution_at
 from .masks import spherical_mask
 from .mrc import read_volume, write_volume
-from .reconstruct import backproject_dataset
+from .reconstruct import gold_standard_map
 from .simulate import simulate
 from .starfile import read_particles
 from .symmetry import symmetry_group
@@ -93,19 +93,11 @@ def run_reconstruct(a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n, box, px = len(ds), ds.box, ds.pixel_size_A
     log(f"reconstruct: {n} particles, box {box}, {px:.3f} A/px, symmetry {a.symmetry}, device {device}")
-    halves = half_sets(table, a.seed)
-    bps = []
-    for h in (1, 2):
-        rows = np.flatnonzero(halves == h)
-        log(f"reconstruct: half set {h} ({len(rows)} particles)")
-        bps.append(backproject_dataset(ds, rows, a.batch_size, log=log))
-    maps = [bp.reconstruct(symmetry=sym).cpu().numpy() for bp in bps]
     diameter_px = 0.9 * box if a.mask_diameter is None else a.mask_diameter / px
     mask = spherical_mask(box, diameter_px / 2, edge_px=3)
-    curve = fsc(maps[0], maps[1], mask)
+    full, maps, curve = gold_standard_map(ds, half_sets(table, a.seed), fsc_mask=mask, tau2_fudge=a.tau2_fudge,
+                                          symmetry=sym, batch_size=a.batch_size, log=log)
     res = resolution_at(curve, 0.143, box, px)
-    bps[0].add(bps[1])
-    full = bps[0].reconstruct(fsc_to_snr(curve), a.tau2_fudge, sym).cpu().numpy()
     write_volume(out / "reconstruction.mrc", full, px)
     write_volume(out / "half1.mrc", maps[0], px)
     write_volume(out / "half2.mrc", maps[1], px)

@@ -1,7 +1,7 @@
 """The ``multiclass`` command: run a multiclass refinement on a STAR file, with resume, and write its results.
 
 Outputs in ``--out``: ``class_NNN.mrc`` (one map per class; ``class_NNN_half1/2.mrc`` its
-half maps), ``particles.star``
+half maps; with ``--final-reconstruction`` both made again to Nyquist at the best poses), ``particles.star``
 (RELION labels: new alignment, rlnClassNumber, rlnMaxValueProbDistribution,
 rlnLogLikeliContribution, rlnNrOfSignificantSamples, and one posterior column
 per class), ``model.json`` (per-class size, distribution, resolution, FSC) and
@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import ParticleDataset
+from .fsc import resolution_at
 from .focused import focus_report, focus_warnings
 from .device import resolve_device, set_threads
 from .iterations import classes_unsettled, realignment_moving, suggested_iterations
 from .masks import check_mask
 from .mrc import read_volume, write_volume
 from .multiclass import MulticlassOptions, MulticlassRefiner, MulticlassState
+from .reconstruct import gold_standard_map
 from .rotations import matrix_to_euler
 from .starfile import read_particles, write_particles
 
@@ -52,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --local-search on particles with alignment (a refinement): halve the angular step, "
                         "and the search range with it, each time poses settle, down to this step (deg); "
                         "default: keep --angular-step")
+    p.add_argument("--final-reconstruction", action="store_true",
+                   help="after the last iteration, reconstruct every class map again from its particles at their "
+                        "best poses on all frequencies, to Nyquist, with half-set FSC (as RELION's auto-refine ends): "
+                        "the iterations' maps stop at the frequencies the E-step used. Half maps come out unfiltered")
     p.add_argument("--alignment-iterations", type=int, default=o.alignment_iterations,
                    help="from one reference: iterations that align all particles as one class before the "
                         "classes are split (0: split at once)")
@@ -137,9 +143,39 @@ def run(a: argparse.Namespace, log=print) -> MulticlassState:
         _save_state(out, state, key)
     if refiner.converged(state):
         log(f"multiclass: converged after iteration {state.iteration}")
+    if a.final_reconstruction:
+        state = final_reconstruction(table, state, refiner, device, not a.no_ctf, a.ctf_intact_first_peak, log)
     write_results(out, table, state, ds.pixel_size_A, opt, refiner.converged(state), log)
     ds.close()
     return state
+
+
+def final_reconstruction(table, state: MulticlassState, refiner: MulticlassRefiner, device, use_ctf: bool,
+                         intact_first_peak: bool, log=print) -> MulticlassState:
+    """``state`` with every class map, its half maps (unfiltered), FSC and resolution made again from the
+    class's particles at their best poses on all frequencies (the refinement's half sets; maps in the
+    solvent mask). A class whose particles all lie in one half set keeps its maps."""
+    px = refiner.px
+    rot, tilt, psi = matrix_to_euler(state.rotations)
+    posed = dataclasses.replace(table, rot_deg=rot, tilt_deg=tilt, psi_deg=psi,
+                                shift_x_A=state.origins_px[:, 0] * px, shift_y_A=state.origins_px[:, 1] * px)
+    ds = ParticleDataset(posed, device, use_ctf=use_ctf, intact_first_peak=intact_first_peak)
+    maps, half_maps = state.maps.copy(), state.half_maps.copy()
+    curves, res = state.fsc_curves.copy(), np.array(state.resolution_A, dtype=float)
+    for j in range(len(maps)):
+        rows = np.flatnonzero(state.classes == j)
+        if len(np.unique(refiner.halves[rows])) < 2:
+            continue
+        full, halves, curves[j] = gold_standard_map(ds, refiner.halves, rows, refiner.fsc_mask,
+                                                    refiner.opt.tau2_fudge, refiner.sym)
+        maps[j] = full * refiner.solvent
+        for h in (0, 1):
+            half_maps[h, j] = halves[h] * refiner.solvent
+        res[j] = resolution_at(curves[j], 0.143, ds.box, px)
+        log(f"final reconstruction, class {j + 1}: {len(rows)} particles at their best poses, all frequencies: "
+            f"resolution {res[j]:.2f} A (E-step maps {state.resolution_A[j]:.2f} A)")
+    ds.close()
+    return dataclasses.replace(state, maps=maps, half_maps=half_maps, fsc_curves=curves, resolution_A=res)
 
 
 def _options_key(opt: MulticlassOptions, a: argparse.Namespace) -> str:

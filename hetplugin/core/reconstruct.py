@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .fourier import SLAB_ELEMENTS, centred_dft_axis, half_plane_coords
+from .fsc import fsc, fsc_to_snr
 from .projection import frequency_mask, undo_gridding
 
 INSERT_CHUNK_POINTS = 1 << 16
@@ -279,3 +280,25 @@ def backproject_dataset(dataset, rows: np.ndarray, batch_size: int = 256, r_max:
         if log is not None:
             log(f"backprojected {done}/{len(rows)} particles")
     return bp
+
+
+def gold_standard_map(dataset, halves: np.ndarray, rows: np.ndarray | None = None, fsc_mask: np.ndarray | None = None,
+                      tau2_fudge: float = 1.0, symmetry: np.ndarray | None = None, batch_size: int = 256,
+                      log=None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Half-set reconstructions of ``rows`` (default all) of a dataset at its own poses, to Nyquist.
+
+    ``halves`` (N,) labels every particle 1 or 2. Returns the map from both halves, Wiener-filtered
+    with the SNR of the half maps' FSC (within ``fsc_mask``) and fudge T, the two unfiltered half
+    maps, and the FSC curve (D/2 + 1,)."""
+    rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
+    bps = []
+    for h in (1, 2):
+        part = rows[halves[rows] == h]
+        if log is not None:
+            log(f"reconstruct: half set {h} ({len(part)} particles)")
+        bps.append(backproject_dataset(dataset, part, batch_size, log=log))
+    half_maps = [bp.reconstruct(symmetry=symmetry).cpu().numpy() for bp in bps]
+    curve = fsc(half_maps[0], half_maps[1], fsc_mask)
+    bps[0].add(bps[1])
+    full = bps[0].reconstruct(fsc_to_snr(curve), tau2_fudge, symmetry).cpu().numpy()
+    return full, half_maps, curve

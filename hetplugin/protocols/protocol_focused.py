@@ -219,8 +219,8 @@ class ProtFocusedRefine(ProtHetBase):
                         % (history[-1].get('iteration', len(history)), self.numberOfIterations.get())]
             return ['Output map not ready yet.']
         history = model.get('history') or []
-        lines = ['%d particles, focused refinement: resolution %.1f A (FSC 0.143 of the half maps, in the '
-                 'mask), %d iterations (%s).'
+        lines = ['%d particles, focused refinement: resolution %.1f A (FSC 0.143 of the half maps in a '
+                 'sphere of the box, at the best poses on all frequencies), %d iterations (%s).'
                  % (model.get('n_particles', 0), model['classes'][0].get('resolution_A', float('nan')),
                     model.get('iterations', 0), 'converged' if model.get('converged') else
                     'stopped at the iteration limit')]
@@ -288,5 +288,6 @@ class ProtFocusedRefine(ProtHetBase):
             'alignment_iterations': 0,
             'realign_iterations': 0,
             'min_class_size': 1,
+            'final_reconstruction': True,
         })
         return {key: value for key, value in options.items() if value is not None}
