@@ -150,3 +150,23 @@ def shift_phase(kx: torch.Tensor, ky: torch.Tensor, shift_x_px: torch.Tensor, sh
     """
     arg = -2.0 * math.pi / box * (shift_x_px[:, None] * kx[None, :] + shift_y_px[:, None] * ky[None, :])
     return torch.polar(torch.ones_like(arg), arg)
+
+
+def recentre_volume(volume, centre_px, new_box: int | None = None) -> np.ndarray:
+    """``volume`` (D, D, D) moved by -centre (x, y, z pixels from the box centre D // 2, so that that
+    point lands at the box centre) by a Fourier phase shift, then windowed to the central
+    ``new_box`` cube (default D): the map in the frame of particles recentred on that point (as
+    :mod:`hetplugin.core.subtract` recentres them). float64 inside, float32 out."""
+    vol = torch.as_tensor(np.asarray(volume), dtype=torch.float64)
+    box = vol.shape[-1]
+    new_box = box if new_box is None else int(new_box)
+    if new_box > box:
+        raise ValueError(f"the new box {new_box} is larger than the volume's {box}")
+    k = torch.arange(box, dtype=torch.float64) - box // 2
+    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
+    cx, cy, cz = (float(c) for c in centre_px)
+    phase = torch.exp(2j * math.pi * (kx * cx + ky * cy + kz * cz) / box)
+    moved = ifftn_centered(fftn_centered(vol, (-3, -2, -1)) * phase, (-3, -2, -1)).real
+    start = box // 2 - new_box // 2
+    window = moved[start:start + new_box, start:start + new_box, start:start + new_box]
+    return window.numpy().astype(np.float32)

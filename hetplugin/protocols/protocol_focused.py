@@ -18,17 +18,20 @@ region taken as rigid while its orientation may differ from the rest's. Register
 (the input particles with the region's alignment and the extras
 ``_hetplugin_maxProb``, ``_hetplugin_logLikelihood``, ``_hetplugin_nrSignificant``).
 Best run on particles whose signal outside the region was subtracted
-(``ProtSignalSubtract``); focused classification is ``ProtMulticlassRefine`` with a
-reference mask and a local search.
+(``ProtSignalSubtract``); when the subtraction also recentred them on the region (and
+re-boxed them), the consensus map and mask are moved into their frame (new files in
+``extra/``). Focused classification is ``ProtMulticlassRefine`` with a reference mask
+and a local search.
 """
 import enum
 import json
+import os
 
 import pyworkflow.protocol.params as params
 from pyworkflow.object import Float
 from pwem.objects import SetOfParticles, Volume
 
-from .protocol_base import ProtHetBase
+from .protocol_base import PIXEL_SIZE_RTOL, ProtHetBase
 from .protocol_multiclass import PARTICLE_EXTRAS
 
 #: attributes that mark particles made by a signal subtraction (ours, RELION's)
@@ -131,8 +134,22 @@ class ProtFocusedRefine(ProtHetBase):
         """Particles -> input_particles.star; consensus map and mask -> MRC links; the focus
         region's report (and its warnings) into the log."""
         self._convertParticles(self.inputParticles.get(), use_alignment=True)
-        self._volumeToMrc(self.referenceVolume.get(), self._getFileName('input_reference', ref=1))
-        self._volumeToMrc(self.focusMask.get(), self._getFileName('input_mask'))
+        reference, mask = self.referenceVolume.get(), self.focusMask.get()
+        paths = (self._getFileName('input_reference', ref=1), self._getFileName('input_mask'))
+        if self._recentreCentreA() is None:
+            self._volumeToMrc(reference, paths[0])
+            self._volumeToMrc(mask, paths[1])
+        else:
+            # particles recentred (and maybe re-boxed) by a signal subtraction: the map and mask
+            # go into their frame (new files: the inputs stay as they are)
+            from hetplugin.core.mrc import write_volume
+            ref, msk = self._focusVolumes()
+            for path, data in zip(paths, (ref, msk)):
+                if os.path.lexists(path):
+                    os.remove(path)
+                write_volume(path, data, reference.getSamplingRate())
+            self.info('The particles were recentred on %s A (box %d): consensus map and mask moved to that '
+                      'frame.' % (', '.join('%.1f' % c for c in self._recentreCentreA()), ref.shape[0]))
         report, warnings = self._focusAdvice()
         if report is not None:
             self.info('Focus region: about %.0f kDa of density, %.0f%% of the map\'s signal, centre %.0f A '
@@ -184,7 +201,10 @@ class ProtFocusedRefine(ProtHetBase):
         formatErrors = self._validateFormats(labelled)
         errors += formatErrors
         if particles.getSize() and not formatErrors:
-            errors += self._validateDims(particles, labelled)
+            if self._recentreCentreA() is None:
+                errors += self._validateDims(particles, labelled)
+            else:
+                errors += self._validateRecentredDims(particles, labelled)
             errors += self._validateMask(mask, 'focus mask')
         errors += self._validateSymmetry(self.symmetryGroup.get())
         if not self.numberOfIterations.get() or self.numberOfIterations.get() < 1:
@@ -255,15 +275,53 @@ class ProtFocusedRefine(ProtHetBase):
             return None
         return any(hasattr(first, mark) for mark in SUBTRACTED_MARKS)
 
-    def _focusAdvice(self):
-        """(focus report or None, warnings) from the consensus map and the mask."""
+    def _recentreCentreA(self):
+        """(x, y, z) A: the centre a signal subtraction recentred the particles on (None if it did not)."""
+        particles = self.inputParticles.get()
+        first = particles.getFirstItem() if particles is not None and particles.getSize() else None
+        names = ['_hetplugin_recentreCentre%sAngst' % axis for axis in 'XYZ']
+        if first is None or not all(hasattr(first, name) for name in names):
+            return None
+        return [float(getattr(first, name).get()) for name in names]
+
+    def _focusVolumes(self):
+        """(consensus map, focus mask) as arrays in the particles' frame: moved to the recentring centre
+        and windowed to the particles' box when a signal subtraction recentred them."""
         from hetplugin.convert.images import read_volume_any
+        from hetplugin.core.fourier import recentre_volume
+        reference, mask = self.referenceVolume.get(), self.focusMask.get()
+        ref, msk = read_volume_any(reference.getFileName()), read_volume_any(mask.getFileName())
+        centre = self._recentreCentreA()
+        if centre is not None:
+            box = self._dimsOf(self.inputParticles.get())[0]
+            centre_px = [c / reference.getSamplingRate() for c in centre]
+            ref = recentre_volume(ref, centre_px, box)
+            msk = recentre_volume(msk, centre_px, box).clip(0.0, 1.0)
+        return ref, msk
+
+    def _validateRecentredDims(self, particles, labelled):
+        """Recentred particles: the same pixel size, and a box at least the particles'."""
+        errors = []
+        box, pixel = self._dimsOf(particles)
+        for label, obj in labelled:
+            vBox, vPix = self._dimsOf(obj)
+            if not vPix or not pixel or abs(vPix - pixel) > PIXEL_SIZE_RTOL * pixel:
+                errors.append('The %s has a pixel size of %s A but the particles have %s A: they must be the '
+                              'same.' % (label, vPix, pixel))
+            elif vBox is None or box is None or vBox < box:
+                errors.append('The particles were recentred by a signal subtraction into a box of %s pixels; the '
+                              '%s (box %s) must be at least as large, to be moved into their frame.'
+                              % (box, label, vBox))
+        return errors
+
+    def _focusAdvice(self):
+        """(focus report or None, warnings) from the consensus map and the mask, in the particles' frame."""
         from hetplugin.core.focused import focus_report, focus_warnings   # numpy only
         reference, mask = self.referenceVolume.get(), self.focusMask.get()
         if reference is None or mask is None or self._formatError(reference, 'map') \
                 or self._formatError(mask, 'mask'):
             return None, []
-        ref, msk = read_volume_any(reference.getFileName()), read_volume_any(mask.getFileName())
+        ref, msk = self._focusVolumes()
         if ref.shape != msk.shape:
             return None, []
         report = focus_report(ref, msk, reference.getSamplingRate())

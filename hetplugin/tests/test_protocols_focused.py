@@ -21,12 +21,12 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.protocols import ProtImportParticles
 
 from hetplugin.tests.scipion_imports import ImportHelpers, star_to_sqlite
-from hetplugin.core.mrc import write_volume
+from hetplugin.core.mrc import read_volume, write_volume
 from hetplugin.core.rotations import angular_distance_deg
 from hetplugin.core.simulate_subtract import make_flexible, simulate_subtraction
 from hetplugin.protocols import ProtFocusedRefine, ProtSignalSubtract
 
-N_PARTICLES, BOX, PIXEL = 400, 40, 3.2
+N_PARTICLES, BOX, NEW_BOX, PIXEL = 400, 40, 32, 3.2
 THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -54,7 +54,9 @@ class TestFocusedRefine(ImportHelpers, BaseTest):
                                                 'simulated particles')
         cls.protMap = cls.importVolume(str(cls.truth.paths['consensus']), 'consensus map')
         cls.protMask = cls.importMask(str(cls.truth.paths['mask']), 'domain mask')
-        cls.protSubtract = cls.newProtocol(ProtSignalSubtract, maskMeaning=0, numberOfThreads=1, useGpu=False)
+        # recentred on the domain and re-boxed: the focused refinement moves map and mask into that frame
+        cls.protSubtract = cls.newProtocol(ProtSignalSubtract, maskMeaning=0, doRecentre=True, newBoxSize=NEW_BOX,
+                                           numberOfThreads=1, useGpu=False)
         cls.protSubtract.inputParticles.set(cls.protParticles)
         cls.protSubtract.inputParticles.setExtended('outputParticles')
         cls.protSubtract.inputVolume.set(cls.protMap)
@@ -95,7 +97,13 @@ class TestFocusedRefine(ImportHelpers, BaseTest):
     def test_1_outputs(self):
         prot = self.refined()
         volume = prot.outputVolume
-        self.assertEqual(volume.getDim(), (BOX, BOX, BOX))
+        self.assertEqual(volume.getDim(), (NEW_BOX, NEW_BOX, NEW_BOX))
+        # the recentred particles got the map and mask moved into their frame, in new files
+        for key in ('input_reference', 'input_mask'):
+            path = prot.getOutputFile(key, ref=1)
+            self.assertFalse(os.path.islink(path), path)
+            self.assertEqual(read_volume(path)[0].shape, (NEW_BOX,) * 3)
+        np.testing.assert_array_equal(read_volume(str(self.truth.paths['mask']))[0], self.truth.mask)
         self.assertAlmostEqual(volume.getSamplingRate(), PIXEL, places=4)
         halves = volume.getHalfMaps().split(',')
         self.assertEqual(len(halves), 2)
@@ -162,11 +170,14 @@ class TestFocusedRefine(ImportHelpers, BaseTest):
         write_volume(bad, 2.0 * self.truth.mask, PIXEL)
         badMask = self.importMask(bad, 'mask out of range')
         self.assertMessage(self.newFocused(mask=badMask).validate(), 'must lie in [0, 1]')
-        # a mask of another box
+        # a mask of another box: refused for the original particles; for the recentred ones a box at
+        # least theirs is moved into their frame, a smaller one refused
         small = os.path.join(folder, 'mask_small.mrc')
-        write_volume(small, self.truth.mask[4:-4, 4:-4, 4:-4], PIXEL)
+        write_volume(small, self.truth.mask[8:-8, 8:-8, 8:-8], PIXEL)
         smallMask = self.importMask(small, 'mask of another box')
-        self.assertMessage(self.newFocused(mask=smallMask).validate(), 'box of 32 voxels')
+        self.assertMessage(self.newFocused(particles=self.protParticles, mask=smallMask).validate(),
+                           'box of 24 voxels')
+        self.assertMessage(self.newFocused(mask=smallMask).validate(), 'must be at least as large')
         # a search range below the step searches nothing
         self.assertMessage(self.newFocused(localSearchRangeDeg=2.0).validate(), 'smaller than the angular sampling')
         self.assertMessage(self.newFocused(finestSamplingDeg=4.0).validate(), 'must be finer than the angular')

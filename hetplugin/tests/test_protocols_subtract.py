@@ -20,7 +20,8 @@ from pyworkflow.object import RELATION_TRANSFORM
 from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.objects import SetOfParticles, SetOfVolumes, Volume, VolumeMask
 
-from hetplugin.tests.core.maps import corr, lowpass_sharp, shifted_truth
+from hetplugin.core.fourier import recentre_volume
+from hetplugin.tests.core.maps import corr, lowpass_sharp
 from hetplugin.tests.scipion_imports import ImportHelpers, star_to_sqlite
 from hetplugin.convert import write_particles_star
 from hetplugin.core.dataset import ParticleDataset
@@ -118,12 +119,12 @@ class TestSignalSubtract(ImportHelpers, BaseTest):
         centre_px = np.asarray(info['centre_A']) / PIXEL
         self.assertGreater(np.linalg.norm(centre_px), 5)
         low = lowpass_sharp(rec, r_max)
-        c = corr(low, lowpass_sharp(shifted_truth(self.truth.kept_map, centre_px, NEW_BOX), r_max))
+        c = corr(low, lowpass_sharp(recentre_volume(self.truth.kept_map, centre_px, NEW_BOX), r_max))
         # where the kept region lies: parabolic peak of the correlation over +-1 px shifts per axis
         offset = []
         for axis in range(3):
             step = np.eye(3)[axis]
-            cc = [corr(low, lowpass_sharp(shifted_truth(self.truth.kept_map, centre_px + d * step, NEW_BOX), r_max))
+            cc = [corr(low, lowpass_sharp(recentre_volume(self.truth.kept_map, centre_px + d * step, NEW_BOX), r_max))
                   for d in (-1, 0, 1)]
             offset.append(0.5 * (cc[0] - cc[2]) / (cc[0] - 2 * cc[1] + cc[2]))
         print('\nScipion subtract -> reconstruct: correlation with the centred kept truth %.4f; the kept region '

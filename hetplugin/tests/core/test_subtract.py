@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from hetplugin.tests.core.maps import corr, crop_volume, lowpass_sharp, shifted_truth
+from hetplugin.core.fourier import recentre_volume
+from hetplugin.tests.core.maps import corr, crop_volume, lowpass_sharp
 from hetplugin.core import cli
 from hetplugin.core.dataset import ParticleDataset
 from hetplugin.core.mrc import StackReader, read_header, read_volume, write_volume
@@ -192,7 +193,7 @@ def test_recentred_particles_reconstruct_the_kept_region_centred(contrast, tmp_p
     ds = ParticleDataset(table)
     r_max = 14.0
     rec = backproject_dataset(ds, np.arange(len(ds)), r_max=r_max).reconstruct()
-    truth = shifted_truth(contrast.kept_map, centre_px, new_box)
+    truth = recentre_volume(contrast.kept_map, centre_px, new_box)
     c = corr(lowpass_sharp(rec, r_max), lowpass_sharp(truth, r_max))
     off_centre = corr(lowpass_sharp(rec, r_max),
                       lowpass_sharp(crop_volume(torch.as_tensor(contrast.kept_map), new_box), r_max))
