@@ -53,19 +53,26 @@ def focus_report(reference: np.ndarray, mask: np.ndarray, pixel_size_A: float) -
     threshold = max(2.0 * noise, 0.05 * peak)
     protein = density > threshold
     inside = float((m * protein).sum()) * voxel
-    weights = m * density
-    total = float(weights.sum())
-    if total > 0:
-        centre = np.array([(weights.sum(axis=(0, 1)) * ax).sum(), (weights.sum(axis=(0, 2)) * ax).sum(),
-                           (weights.sum(axis=(1, 2)) * ax).sum()]) / total
-    else:
-        centre = np.zeros(3)
+    centre = centre_of_mass_px(m * density)
+    centre = np.zeros(3) if centre is None else centre
     power = float((density ** 2).sum())
     return dict(mask_volume_A3=float(m.sum()) * voxel, protein_volume_A3=inside,
                 mass_kDa=inside * PROTEIN_DA_PER_A3 / 1000.0,
                 signal_fraction=float(((m * density) ** 2).sum()) / power if power > 0 else 0.0,
                 centre_offset_A=float(np.linalg.norm(centre)) * float(pixel_size_A),
                 centre_A=(centre * float(pixel_size_A)).tolist(), box_A=box * float(pixel_size_A))
+
+
+def centre_of_mass_px(density: np.ndarray) -> np.ndarray | None:
+    """Centre of mass (x, y, z) in pixels from the box centre D // 2 of a non-negative density
+    (D, D, D); None when it holds nothing."""
+    density = np.asarray(density, dtype=np.float64)
+    total = float(density.sum())
+    if total <= 0:
+        return None
+    ax = np.arange(density.shape[-1]) - density.shape[-1] // 2
+    z, y, x = (density.sum(axis=a) for a in ((1, 2), (0, 2), (0, 1)))
+    return np.array([(x * ax).sum(), (y * ax).sum(), (z * ax).sum()]) / total
 
 
 def focus_warnings(report: dict, subtracted: bool | None = None) -> list[str]:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import ParticleDataset
-from .fsc import resolution_at
-from .focused import focus_report, focus_warnings
 from .device import resolve_device, set_threads
+from .focused import focus_report, focus_warnings
+from .fsc import resolution_at
 from .iterations import classes_unsettled, realignment_moving, suggested_iterations
 from .masks import check_mask
 from .mrc import read_volume, write_volume

@@ -69,6 +69,7 @@ import torch
 
 from .dataset import ParticleDataset
 from .device import resolve_device, set_threads
+from .focused import centre_of_mass_px
 from .fourier import half_plane_hermitian_weights, lowpass_volume
 from .masks import check_mask
 from .mrc import check_images, read_volume, strip_format_suffix
@@ -145,14 +146,11 @@ def kept_weight(mask: np.ndarray, meaning: str) -> np.ndarray:
 def kept_centre_px(maps: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Centre of mass (x, y, z) in pixels from the box centre of max(mean map, 0) * keep."""
     density = np.maximum(np.asarray(maps, np.float64).reshape((-1,) + keep.shape).mean(0), 0.0) * keep
-    total = density.sum()
-    if total <= 0:
+    centre = centre_of_mass_px(density)
+    if centre is None:
         raise ValueError("the kept region holds no positive density: cannot find its centre of mass; "
                          "check the mask meaning, or give the centre explicitly")
-    box = keep.shape[-1]
-    ax = np.arange(box) - box // 2
-    z, y, x = (density.sum(axis=a) for a in ((1, 2), (0, 2), (0, 1)))
-    return np.array([(x * ax).sum(), (y * ax).sum(), (z * ax).sum()]) / total
+    return centre
 
 
 def recentre_geometry(rotations: np.ndarray, origins_A: np.ndarray, centre_A: np.ndarray,

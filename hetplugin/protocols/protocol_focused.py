@@ -267,18 +267,22 @@ class ProtFocusedRefine(ProtHetBase):
         return ['Scheres2012a', 'Scheres2012b', 'Bai2015']
 
     # --------------------------- UTILS functions -----------------------------
+    def _firstParticle(self):
+        """The input set's first particle (None for no set or an empty one): it carries what a
+        signal subtraction recorded on every particle."""
+        particles = self.inputParticles.get()
+        return particles.getFirstItem() if particles is not None and particles.getSize() else None
+
     def _isSubtracted(self):
         """Whether the particles come from a signal subtraction (None when there are none)."""
-        particles = self.inputParticles.get()
-        first = particles.getFirstItem() if particles is not None and particles.getSize() else None
+        first = self._firstParticle()
         if first is None:
             return None
         return any(hasattr(first, mark) for mark in SUBTRACTED_MARKS)
 
     def _recentreCentreA(self):
         """(x, y, z) A: the centre a signal subtraction recentred the particles on (None if it did not)."""
-        particles = self.inputParticles.get()
-        first = particles.getFirstItem() if particles is not None and particles.getSize() else None
+        first = self._firstParticle()
         names = ['_hetplugin_recentreCentre%sAngst' % axis for axis in 'XYZ']
         if first is None or not all(hasattr(first, name) for name in names):
             return None
